@@ -1,0 +1,355 @@
+"""Synthetic "shapes" dataset for the embedded LLaVA demo.
+
+Renders small images holding 1-3 coloured shapes on a 3x3 grid (one shape per
+cell, so nothing overlaps) and writes LLaVA-format data for both training
+stages plus a scored eval set::
+
+    DIR/images/NNNNNN.png       all images; the splits use disjoint images
+    DIR/stage1.json             LLaVA-Pretrain style captioning
+    DIR/stage2.json             LLaVA-Instruct style multi-turn QA (+ text-only)
+    DIR/eval/questions.jsonl    LLaVA question file (color/shape/count/position/exists)
+    DIR/eval/answers.jsonl      ground truth for llava_sft.eval.shapes.score_shapes
+    DIR/eval/blank.png          empty canvas for the 'blind' baseline
+    DIR/meta.jsonl              per-image ground truth (colour, shape, cell, centre, size)
+    DIR/corpus.txt              every question/answer text, one per line
+    DIR/manifest.json           arguments, vocabularies and counts
+
+Usage: ``python -m data_prep.make_shapes --out DIR [--seed 0] ...``.
+The output is byte-for-byte deterministic for fixed arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+BACKGROUND = (245, 245, 245)
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 0),
+    "purple": (140, 40, 180),
+    "orange": (250, 130, 0),
+}
+SHAPES = ("circle", "square", "triangle")
+PAIRS = tuple((c, s) for c in COLORS for s in SHAPES)
+# Cell index (row-major over the 3x3 grid) -> canonical position answer.
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")
+EVAL_TYPES = ("color", "shape", "count", "position", "exists")
+STAGE2_TYPES = EVAL_TYPES + ("describe",)
+SUPERSAMPLE = 4  # draw at 4x and box-downsample for anti-aliased edges
+SIZE_RANGE = (0.6, 0.8)  # shape extent as a fraction of the cell size
+
+CAPTION_INSTRUCTIONS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the image.",
+    "Write a terse but informative summary of the picture.",
+    "Share a concise interpretation of the image provided.",
+)
+TEMPLATES = {
+    "color": ("What color is the {shape}?", "What is the color of the {shape}?",
+              "Which color does the {shape} have?"),
+    "shape": ("What shape is the {color} object?", "What is the shape of the {color} object?",
+              "Which shape is {color}?"),
+    "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes."),
+    "count_kind": ("How many {shape}s are there?", "How many {shape}s are in the image?"),
+    "position": ("Where is the {color} {shape}?", "In which part of the image is the {color} {shape}?"),
+    "exists": ("Is there a {color} {shape}?", "Is there a {color} {shape} in the image?",
+               "Can you see a {color} {shape}?"),
+    "describe": ("Describe the image briefly.", "What is in the image?", "Describe the picture."),
+}
+COLOR_MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("blue", "red"): "purple"}
+SIDES = {"circle": "0", "triangle": "3", "square": "4"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn shape; the box is in supersampled pixels."""
+
+    color: str
+    shape: str
+    cell: int
+    x0: int
+    y0: int
+    extent: int
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+    def meta(self) -> dict:
+        half = self.extent / 2
+        centre = [(self.x0 + half) / SUPERSAMPLE, (self.y0 + half) / SUPERSAMPLE]
+        return {"color": self.color, "shape": self.shape, "position": self.position,
+                "cell": self.cell, "center": centre, "size": self.extent / SUPERSAMPLE}
+
+
+def place(rng: random.Random, image_size: int, cell: int, color: str, shape: str) -> Shape:
+    """Put a shape of random size inside ``cell`` with a small random offset."""
+    cell_px = image_size * SUPERSAMPLE / 3
+    extent = int(rng.uniform(*SIZE_RANGE) * cell_px)
+    slack = cell_px - extent
+    row, col = divmod(cell, 3)
+    x0 = int(col * cell_px + slack * rng.uniform(0.2, 0.8))
+    y0 = int(row * cell_px + slack * rng.uniform(0.2, 0.8))
+    return Shape(color, shape, cell, x0, y0, extent)
+
+
+def sample_layout(rng: random.Random, image_size: int) -> list[Shape]:
+    """1-3 shapes in distinct cells with distinct (colour, shape) pairs, in reading order."""
+    n = rng.randint(1, 3)
+    cells = sorted(rng.sample(range(9), n))
+    pairs = rng.sample(PAIRS, n)
+    return [place(rng, image_size, cell, c, s) for cell, (c, s) in zip(cells, pairs)]
+
+
+def render(shapes: list[Shape], image_size: int) -> Image.Image:
+    big = image_size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for s in shapes:
+        x1, y1 = s.x0 + s.extent, s.y0 + s.extent
+        fill = COLORS[s.color]
+        if s.shape == "circle":
+            draw.ellipse((s.x0, s.y0, x1, y1), fill=fill)
+        elif s.shape == "square":
+            draw.rectangle((s.x0, s.y0, x1, y1), fill=fill)
+        else:
+            draw.polygon([((s.x0 + x1) / 2, s.y0), (x1, y1), (s.x0, y1)], fill=fill)
+    return img.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def caption(shapes: list[Shape]) -> str:
+    """Canonical description, e.g. 'a red circle at the top left and a blue square in the center.'"""
+    def where(pos: str) -> str:
+        if pos == "center":
+            return "in the center"
+        return f"on the {pos}" if pos in ("left", "right") else f"at the {pos}"
+
+    parts = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} {s.shape} {where(s.position)}"
+             for s in shapes]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text + "."
+
+
+def ask(rng: random.Random, qtype: str, shapes: list[Shape],
+        yes: bool | None = None) -> tuple[str, str] | None:
+    """A (question, answer) pair of ``qtype``, or None if it cannot be asked unambiguously."""
+    def fill(key: str, **kw: str) -> str:
+        return rng.choice(TEMPLATES[key]).format(**kw)
+
+    kinds = Counter(s.shape for s in shapes)
+    colors = Counter(s.color for s in shapes)
+    if qtype == "color":
+        pool = [s for s in shapes if kinds[s.shape] == 1]
+        if not pool:
+            return None
+        s = rng.choice(pool)
+        return fill("color", shape=s.shape), s.color
+    if qtype == "shape":
+        pool = [s for s in shapes if colors[s.color] == 1]
+        if not pool:
+            return None
+        s = rng.choice(pool)
+        return fill("shape", color=s.color), s.shape
+    if qtype == "count":
+        if rng.random() < 0.5:
+            return fill("count"), str(len(shapes))
+        kind = rng.choice(SHAPES)
+        return fill("count_kind", shape=kind), str(kinds[kind])
+    if qtype == "position":
+        s = rng.choice(shapes)
+        return fill("position", color=s.color, shape=s.shape), s.position
+    if qtype == "exists":
+        present = [(s.color, s.shape) for s in shapes]
+        yes = rng.random() < 0.5 if yes is None else yes
+        pool = present if yes else [p for p in PAIRS if p not in present]
+        color, shape = rng.choice(pool)
+        return fill("exists", color=color, shape=shape), "yes" if yes else "no"
+    if qtype == "describe":
+        return fill("describe"), caption(shapes)
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+def text_only_qa(rng: random.Random) -> tuple[str, str]:
+    """A question that needs no image: arithmetic, colour mixing or a shape fact."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if rng.random() < 0.5:
+            return f"What is {a} plus {b}?", str(a + b)
+        a, b = max(a, b), min(a, b)
+        return f"What is {a} minus {b}?", str(a - b)
+    if kind == 1:
+        pair, result = rng.choice(sorted(COLOR_MIXES.items()))
+        first, second = rng.sample(pair, 2)
+        return f"What color do you get by mixing {first} and {second}?", result
+    shape, sides = rng.choice(sorted(SIDES.items()))
+    return f"How many sides does a {shape} have?", sides
+
+
+def with_image(question: str, rng: random.Random) -> str:
+    return f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+
+
+def conversation(qas: list[tuple[str, str]]) -> list[dict]:
+    turns = []
+    for question, answer in qas:
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return turns
+
+
+class ImageWriter:
+    """Renders layouts to sequentially numbered PNGs and records their metadata."""
+
+    def __init__(self, out: Path, image_size: int):
+        self.dir = out / "images"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.image_size = image_size
+        self.meta: list[dict] = []
+
+    def write(self, shapes: list[Shape], split: str) -> str:
+        name = f"{len(self.meta):06d}.png"
+        render(shapes, self.image_size).save(self.dir / name, format="PNG")
+        self.meta.append({"image": name, "split": split, "shapes": [s.meta() for s in shapes]})
+        return name
+
+
+def make_stage1(rng: random.Random, n: int, images: ImageWriter) -> list[dict]:
+    samples = []
+    for _ in range(n):
+        shapes = sample_layout(rng, images.image_size)
+        name = images.write(shapes, "stage1")
+        prompt = with_image(rng.choice(CAPTION_INSTRUCTIONS), rng)
+        samples.append({"id": name[:-4], "image": name,
+                        "conversations": conversation([(prompt, caption(shapes))])})
+    return samples
+
+
+def make_stage2(rng: random.Random, n: int, text_only_frac: float, images: ImageWriter,
+                type_counts: Counter) -> list[dict]:
+    text_only = set(rng.sample(range(n), round(n * text_only_frac)))
+    samples = []
+    for i in range(n):
+        rounds = rng.randint(1, 3)
+        if i in text_only:
+            qas = [text_only_qa(rng) for _ in range(min(rounds, 2))]
+            type_counts["text_only"] += len(qas)
+            samples.append({"id": f"text_{i:06d}", "conversations": conversation(qas)})
+            continue
+        shapes = sample_layout(rng, images.image_size)
+        qas = []
+        while len(qas) < rounds:  # always ends: >= 3 distinct count questions exist
+            qtype = rng.choice(STAGE2_TYPES)
+            qa = ask(rng, qtype, shapes)
+            if qa and qa[0] not in {q for q, _ in qas}:
+                qas.append(qa)
+                type_counts[qtype] += 1
+        qas[0] = (with_image(qas[0][0], rng), qas[0][1])
+        name = images.write(shapes, "stage2")
+        samples.append({"id": name[:-4], "image": name, "conversations": conversation(qas)})
+    return samples
+
+
+def make_eval(rng: random.Random, n: int, images: ImageWriter) -> tuple[list[dict], list[dict]]:
+    """Single-question eval items, types balanced and exists answers alternating yes/no."""
+    jobs = [(EVAL_TYPES[i % len(EVAL_TYPES)], (i // len(EVAL_TYPES)) % 2 == 0) for i in range(n)]
+    rng.shuffle(jobs)
+    questions, answers = [], []
+    for qid, (qtype, yes) in enumerate(jobs):
+        qa = None
+        while qa is None:
+            shapes = sample_layout(rng, images.image_size)
+            qa = ask(rng, qtype, shapes, yes=yes)
+        name = images.write(shapes, "eval")
+        questions.append({"question_id": qid, "image": name, "text": qa[0], "category": qtype})
+        answers.append({"question_id": qid, "answer": qa[1], "category": qtype})
+    return questions, answers
+
+
+def corpus_lines(stage1: list[dict], stage2: list[dict], questions: list[dict],
+                 answers: list[dict]) -> list[str]:
+    texts = [t["value"] for s in stage1 + stage2 for t in s["conversations"]]
+    texts += [q["text"] for q in questions] + [a["answer"] for a in answers]
+    return [" ".join(t.replace("<image>", " ").split()) for t in texts]
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 3000,
+             n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1) -> dict:
+    """Write the whole dataset under ``out`` and return the manifest."""
+    if image_size < 32:
+        raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
+    if not 0.0 <= text_only_frac < 1.0:
+        raise ValueError("text_only_frac must be in [0, 1)")
+    args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
+            "n_eval": n_eval, "text_only_frac": text_only_frac}
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    images = ImageWriter(out, image_size)
+    stage2_types: Counter = Counter()
+    # One generator per split, so e.g. the eval content does not depend on --n-stage1.
+    stage1 = make_stage1(random.Random(f"{seed}-stage1"), n_stage1, images)
+    stage2 = make_stage2(random.Random(f"{seed}-stage2"), n_stage2, text_only_frac, images,
+                         stage2_types)
+    questions, answers = make_eval(random.Random(f"{seed}-eval"), n_eval, images)
+
+    write_json(out / "stage1.json", stage1)
+    write_json(out / "stage2.json", stage2)
+    write_jsonl(out / "eval" / "questions.jsonl", questions)
+    write_jsonl(out / "eval" / "answers.jsonl", answers)
+    Image.new("RGB", (image_size, image_size), BACKGROUND).save(out / "eval" / "blank.png")
+    write_jsonl(out / "meta.jsonl", images.meta)
+    lines = corpus_lines(stage1, stage2, questions, answers)
+    (out / "corpus.txt").write_text("\n".join(lines) + "\n")
+
+    manifest = {
+        "args": args,
+        "vocab": {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS),
+                  "exists": ["yes", "no"], "count": ["0", "1", "2", "3"]},
+        "counts": {
+            "images": len(images.meta),
+            "stage1": len(stage1),
+            "stage2": {"samples": len(stage2),
+                       "text_only": sum("image" not in s for s in stage2),
+                       "turns_by_type": dict(sorted(stage2_types.items()))},
+            "eval": {"questions": len(questions),
+                     "by_type": dict(sorted(Counter(q["category"] for q in questions).items()))},
+            "corpus_lines": len(lines),
+        },
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--n-stage1", type=int, default=3000)
+    parser.add_argument("--n-stage2", type=int, default=3000)
+    parser.add_argument("--n-eval", type=int, default=300)
+    parser.add_argument("--text-only-frac", type=float, default=0.1)
+    kwargs = vars(parser.parse_args(argv))
+    manifest = generate(kwargs.pop("out"), **kwargs)
+    print(json.dumps(manifest["counts"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

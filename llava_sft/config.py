@@ -1,0 +1,179 @@
+"""Typed run configuration: YAML file + `key=value` overrides -> dataclasses, validated up front.
+
+Unknown keys and values of the wrong type are a clear error naming the key before anything heavy
+is loaded. `python -m llava_sft.train CONFIG.yaml train.lr=2e-5 data.max_length=1024`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llava_sft.model.llava import ModelConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # LLaVA-format JSON (list of {"id", "image"?, "conversations"})
+    image_folder: str = ""  # image paths in the JSON are relative to this folder
+    template: str = "plain"  # chat template for training (plain for Stage 1, vicuna_v1 for Stage 2)
+    max_length: int = 2048  # tokens after image expansion
+    overlong: str = "truncate"  # "truncate" (text after the last image only) or "drop"; both counted
+    bad_samples: str = "error"  # "error" (stop, naming the sample) or "skip" (counted in the run report)
+    check_images_at_start: bool = True  # stat every image file before training starts
+    group_by_modality: bool = False  # LLaVA-1.5 group_by_modality_length batches
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    train_projector: bool = True
+    train_llm: bool = False
+    pretrained_projector: str | None = None  # Stage-1 output directory (or projector.safetensors)
+    output_dir: str = "checkpoints/run"
+    save_full_model: bool = False  # Stage 2: full model directory; Stage 1: projector only
+    epochs: float = 1.0
+    max_steps: int | None = None  # stop after this many optimizer steps (default: epochs)
+    global_batch_size: int = 256  # samples per optimizer step, over all ranks
+    micro_batch_size: int = 16  # samples per forward pass per rank
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_schedule: str = "cosine"  # "cosine" or "constant" (both after linear warmup)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    save_every: int = 0  # periodic checkpoint every N optimizer steps (0 = only at the end)
+    keep_last: int = 2  # periodic checkpoints kept
+    log_every: int = 1
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    flops_per_second_peak: float | None = None  # for MFU (e.g. 312e12 for A100 bf16); None = not logged
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- loading
+ENV_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, where: str = "config") -> str:
+    """Expand ${VAR} and ${VAR:-default} in a config file (data and model paths come from env vars)."""
+
+    def sub(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"{where}: environment variable {name} is not set (used as ${{{name}}})")
+        return default
+
+    return ENV_VAR.sub(sub, text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfig):
+    raw = yaml.safe_load(expand_env(Path(path).read_text(), str(path))) if path else {}
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=2e-5)")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return from_dict(cls, raw, where="")
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {(where + '.' if where else '') + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, path):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, where=path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "2e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

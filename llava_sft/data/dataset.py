@@ -1,0 +1,216 @@
+"""LLaVA-format JSON + image folder -> tokenized samples and padded batches.
+
+Reads `[{"id", "image"?: str | [str], "conversations": [{"from": "human"|"gpt", "value"}]}]`
+(LLaVA-Pretrain 558K, CC3M-595K chat.json, llava_instruct_150k, llava_v1_5_mix665k).
+
+Bad input never disappears silently. At start-up every record's structure is checked (roles,
+turn count, `<image>` count vs images, empty replies) and every image file is stat-ed; problems
+either stop the run with a list naming the samples (`bad_samples: error`, the default) or are
+skipped and listed in the run report (`bad_samples: skip`). Problems only visible when a sample
+is loaded (undecodable image, template not fitting the tokenizer) follow the same policy at run
+time. Over-long samples (counted after image expansion) follow `overlong`:
+  truncate - cut text after the last image so the sample fits (never through an image's tokens);
+             if the images themselves do not fit, or no supervised token is left, drop it (counted)
+  drop     - drop it (counted)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_sft.data.images import ImageProcessor
+from llava_sft.data.templates import BadSampleError, ChatTemplate
+from llava_sft.data.tokenize import tokenize_conversation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SkipReport:
+    """Counts and ids of samples not trained on (or changed), written to the run directory."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
+    truncated: int = 0
+
+    def add(self, sample_id, reason: str) -> None:
+        self.skipped.append((str(sample_id), reason))
+
+    def counts(self) -> dict[str, int]:
+        """Skips per kind of problem (the reason without its sample-specific details)."""
+        return dict(Counter(_kind(reason) for _, reason in self.skipped))
+
+
+def _kind(reason: str) -> str:
+    kind = reason.split(":")[0]
+    kind = re.sub(r"\s*\([^)]*\)", "", kind)
+    return re.sub(r"\d+", "N", kind).strip()
+
+
+def image_list(record: dict, sample_id="?") -> list[str]:
+    """The sample's image paths ("image" may be one path or a list of paths)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(x, str) for x in image):
+        return list(image)
+    raise BadSampleError(sample_id, f"bad 'image' field: expected a path or a list of paths, got {image!r}")
+
+
+class LlavaJsonDataset(Dataset):
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_folder: str | Path,
+        tokenizer,
+        template: ChatTemplate,
+        image_processor: ImageProcessor,
+        tokens_per_image: int,
+        max_length: int,
+        overlong: str = "truncate",
+        bad_samples: str = "error",
+        check_images: bool = True,
+    ):
+        if overlong not in ("truncate", "drop"):
+            raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+        if bad_samples not in ("error", "skip"):
+            raise ValueError(f"data.bad_samples must be 'error' or 'skip', got {bad_samples!r}")
+        self.image_folder = Path(image_folder)
+        self.tokenizer, self.template, self.image_processor = tokenizer, template, image_processor
+        self.tokens_per_image, self.max_length = tokens_per_image, max_length
+        self.overlong, self.bad_samples = overlong, bad_samples
+        self.report = SkipReport()
+        records = json.loads(Path(json_path).read_text())
+        if not isinstance(records, list):
+            raise ValueError(f"{json_path}: expected a JSON list of samples")
+        self.records = self._check_all(records, check_images)
+        log.info("%s: %d samples (%d with images), %d rejected at start-up", json_path, len(self.records),
+                 sum(bool(image_list(r)) for r in self.records), len(self.report.skipped))
+
+    # ------------------------------------------------------------ start-up checks
+    def _check_all(self, records: list, check_images: bool) -> list[dict]:
+        good, problems = [], []
+        for i, record in enumerate(records):
+            sample_id = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
+            if isinstance(record, dict):
+                record.setdefault("id", sample_id)  # samples without an id are named by their position in the file
+            try:
+                self._check_record(record, sample_id, check_images)
+                good.append(record)
+            except BadSampleError as e:
+                problems.append(e)
+        if problems and self.bad_samples == "error":
+            listing = "\n".join(f"  - {e}" for e in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise BadSampleError(problems[0].sample_id, f"{len(problems)} bad sample(s) found at start-up "
+                                 f"(set data.bad_samples=skip to skip and report them):\n{listing}{more}")
+        for e in problems:
+            self.report.add(e.sample_id, e.reason)
+        return good
+
+    def _check_record(self, record, sample_id, check_images: bool) -> None:
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise BadSampleError(sample_id, "not a record with 'conversations'")
+        images = image_list(record, sample_id)
+        self.template.render(record["conversations"], num_images=len(images), sample_id=sample_id)
+        if check_images:
+            for name in images:
+                if not (self.image_folder / name).is_file():
+                    raise BadSampleError(sample_id, f"missing image file: {self.image_folder / name}")
+
+    # ------------------------------------------------------------------ samples
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def has_image(self, index: int) -> bool:
+        return bool(image_list(self.records[index]))
+
+    def approx_length(self, index: int) -> int:
+        """Cheap length estimate for batching by length (words + image tokens), as LLaVA does."""
+        record = self.records[index]
+        words = sum(len(turn["value"].split()) for turn in record["conversations"])
+        return words + self.tokens_per_image * len(image_list(record))
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        sample_id = record.get("id", f"#{index}")
+        try:
+            return self._load(record, sample_id)
+        except BadSampleError as e:
+            if self.bad_samples == "error":
+                raise
+            return {"skip": e.reason, "id": str(sample_id)}
+
+    def _load(self, record: dict, sample_id) -> dict:
+        names = image_list(record)
+        images = [self._load_image(name, sample_id) for name in names]
+        ids, labels = tokenize_conversation(
+            record["conversations"], self.tokenizer, self.template, num_images=len(images), sample_id=sample_id
+        )
+        ids, labels, truncated = fit_length(ids, labels, self.max_length, self.tokens_per_image, self.overlong, sample_id)
+        pixels = torch.stack(images) if images else torch.zeros(0, 3, self.image_processor.size, self.image_processor.size)
+        return {"id": str(sample_id), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "images": pixels, "truncated": truncated}
+
+    def _load_image(self, name: str, sample_id) -> torch.Tensor:
+        path = self.image_folder / name
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return self.image_processor(image)
+        except FileNotFoundError:
+            raise BadSampleError(sample_id, f"missing image file: {path}") from None
+        except Exception as e:  # PIL raises many kinds for corrupt files
+            raise BadSampleError(sample_id, f"corrupt image: {path} ({type(e).__name__}: {e})") from None
+
+
+def fit_length(ids: list[int], labels: list[int], max_length: int, tokens_per_image: int, overlong: str, sample_id="?"):
+    """Apply the over-long policy (see module docstring) -> (ids, labels, truncated?) or BadSampleError."""
+    extra = (tokens_per_image - 1) * ids.count(IMAGE_TOKEN_INDEX)
+    expanded = len(ids) + extra
+    if expanded <= max_length:
+        return ids, labels, False
+    if overlong == "drop":
+        raise BadSampleError(sample_id, f"overlong: {expanded} tokens after image expansion > max_length {max_length}")
+    keep = max_length - extra  # number of ids to keep so that the expanded length fits
+    last_image = max((i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX), default=-1)
+    if keep <= last_image + 1:
+        raise BadSampleError(sample_id, f"overlong: image tokens end beyond max_length {max_length} ({expanded} tokens)")
+    ids, labels = ids[:keep], labels[:keep]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise BadSampleError(sample_id, f"overlong: no supervised token left within max_length {max_length}")
+    return ids, labels, True
+
+
+class Collator:
+    """Right-pads a list of samples into a batch; skipped samples are removed and reported."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        kept = [s for s in samples if "skip" not in s]
+        batch = {"skipped": [(s["id"], s["skip"]) for s in samples if "skip" in s],
+                 "truncated": sum(s["truncated"] for s in kept), "ids": [s["id"] for s in kept]}
+        if not kept:
+            return batch
+        length = max(len(s["input_ids"]) for s in kept)
+        input_ids = torch.full((len(kept), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(kept), length), dtype=torch.long)
+        for row, s in enumerate(kept):
+            n = len(s["input_ids"])
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s["input_ids"], s["labels"], 1
+        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                     images=torch.cat([s["images"] for s in kept]))
+        return batch

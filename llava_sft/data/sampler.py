@@ -1,0 +1,68 @@
+"""Deterministic batch plan: which samples form each optimizer step, on each rank.
+
+An epoch is a list of global batches (`global_batch_size` samples each, over all ranks). A global
+batch is split into `world_size` contiguous rank shares, and each share into micro-batches
+(gradient accumulation). The plan depends only on (seed, epoch), so a run can resume at any step.
+
+`group_by_modality=True` follows LLaVA-1.5's `group_by_modality_length`: a global batch holds only
+image samples or only text-only samples, sorted by length inside the batch so micro-batches pad
+little; the leftovers of both modalities form one final mixed batch.
+
+The last global batch of an epoch is filled up to full size with samples from the start of the
+epoch's order (as DistributedSampler pads), so every step has the same global batch size; the
+number of repeated samples is reported.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class BatchPlan:
+    def __init__(self, lengths: list[int], has_image: list[bool], global_batch_size: int, micro_batch_size: int,
+                 world_size: int = 1, rank: int = 0, seed: int = 0, group_by_modality: bool = False):
+        if global_batch_size % (world_size * micro_batch_size):
+            raise ValueError(
+                f"train.global_batch_size ({global_batch_size}) must be a multiple of "
+                f"world_size x micro_batch_size ({world_size} x {micro_batch_size})"
+            )
+        if not lengths:
+            raise ValueError("the dataset is empty")
+        self.lengths, self.has_image = lengths, has_image
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.group_by_modality = group_by_modality
+        self.accumulation_steps = global_batch_size // (world_size * micro_batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.lengths) // self.global_batch_size)
+
+    def repeated_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.global_batch_size - len(self.lengths)
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        size = self.global_batch_size
+        if not self.group_by_modality:
+            batches = [order[i:i + size] for i in range(0, len(order), size)]
+        else:
+            batches, leftovers = [], []
+            for modality in (True, False):
+                idx = [i for i in order if self.has_image[i] == modality]
+                full = len(idx) - len(idx) % size
+                batches += [idx[i:i + size] for i in range(0, full, size)]
+                leftovers += idx[full:]
+            shuffle = torch.randperm(len(batches), generator=gen).tolist()
+            batches = [batches[i] for i in shuffle] + ([leftovers] if leftovers else [])
+            batches = [sorted(b, key=lambda i: -self.lengths[i]) for b in batches]
+        if len(batches[-1]) < size:  # fill the last batch from the start of the epoch's order
+            fill = (order * (size // len(order) + 1))[: size - len(batches[-1])]
+            batches[-1] = batches[-1] + fill
+        return batches
+
+    def micro_batches(self, global_batch: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of one global batch."""
+        share = self.global_batch_size // self.world_size
+        mine = global_batch[self.rank * share:(self.rank + 1) * share]
+        return [mine[i:i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)]

@@ -1,0 +1,68 @@
+"""Scoring for the synthetic shapes eval set written by ``data_prep.make_shapes``.
+
+Answers are short canonical strings ("red", "circle", "2", "top left", "yes"), so
+scoring is exact match after light normalisation of both prediction and answer.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+NUMBER_WORDS = {
+    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+ARTICLES = {"a", "an", "the"}
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+_EDGE_PUNCT = " \t\"'`.,!?;:"
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form of a short answer.
+
+    Keeps only the first non-empty line and its first sentence, lower-cases,
+    strips surrounding whitespace/quotes/punctuation, drops articles, maps
+    number words to digits and collapses whitespace: ``"Two."`` -> ``"2"``,
+    ``"The circle is red. It is..."`` -> ``"circle is red"``.
+    """
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    first = _SENTENCE_END.split(lines[0].strip(), maxsplit=1)[0] if lines else ""
+    words = first.lower().strip(_EDGE_PUNCT).split()
+    words = [NUMBER_WORDS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words)
+
+
+def score_shapes(predictions: dict[int, str], answers: list[dict]) -> dict:
+    """Exact-match accuracy overall and per category.
+
+    ``answers`` are rows of ``eval/answers.jsonl``; a question id absent from
+    ``predictions`` counts as wrong and is tallied in ``"missing"``.
+    """
+    preds = {int(qid): text for qid, text in predictions.items()}
+    correct: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    missing = 0
+    for row in answers:
+        category = row["category"]
+        total[category] += 1
+        pred = preds.get(int(row["question_id"]))
+        if pred is None:
+            missing += 1
+        elif normalize_answer(pred) == normalize_answer(row["answer"]):
+            correct[category] += 1
+    n = sum(total.values())
+    by_type = {c: {"accuracy": correct[c] / total[c], "n": total[c]} for c in sorted(total)}
+    return {
+        "accuracy": sum(correct.values()) / n if n else 0.0,
+        "n": n,
+        "missing": missing,
+        "by_type": by_type,
+    }
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file, skipping blank lines."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

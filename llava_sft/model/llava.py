@@ -1,0 +1,219 @@
+"""The LLaVA model: frozen vision tower -> projector -> causal LM, with save/load and generation.
+
+A saved model directory (what Stage 2 writes and `generate` loads) holds:
+    llava_config.json       model config + image preprocessing + chat template (everything inference needs)
+    projector.safetensors   projector weights
+    vision_tower.safetensors  the (frozen) vision tower weights, so the directory is self-contained
+    llm/                    the causal LM and its tokenizer (Hugging Face `save_pretrained`)
+A Stage-1 checkpoint holds `llava_config.json` + `projector.safetensors` only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llava_sft.constants import IGNORE_INDEX
+from llava_sft.model.projector import build_projector
+from llava_sft.model.splice import splice_images
+from llava_sft.model.vision import VisionConfig, build_vision_tower
+
+log = logging.getLogger(__name__)
+CONFIG_FILE, PROJECTOR_FILE, VISION_FILE, LLM_DIR = "llava_config.json", "projector.safetensors", "vision_tower.safetensors", "llm"
+
+
+@dataclass
+class LLMConfig:
+    path: str | None = None  # local HF model directory (or hub id where a hub is reachable)
+    config: dict | None = None  # or: build a randomly initialised model from this HF config dict
+    attn_implementation: str = "sdpa"  # "sdpa" (CPU/GPU), "flash_attention_2" (GPU, optional extra), "eager"
+    dtype: str = "float32"  # weights dtype at load time ("bfloat16" for large models under DeepSpeed)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: str = "mlp2x_gelu"
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: str | None = None  # tokenizer directory; defaults to llm.path
+    tokenizer_use_fast: bool = False  # LLaVA uses the slow SentencePiece Llama tokenizer
+    image_aspect: str = "pad"  # "pad" (LLaVA-1.5) or "square" (resize + centre crop, LLaVA v1)
+    template: str = "vicuna_v1"  # chat template used at inference
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_llm(cfg: LLMConfig) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path:
+        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    if cfg.config:
+        hf_cfg = dict(cfg.config)
+        hf_config = AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    raise ValueError("model.llm needs either `path` (a model directory) or `config` (a config dict)")
+
+
+def load_tokenizer(path: str, use_fast: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, use_fast=use_fast)
+    if tok.pad_token is None:  # LLaVA pads Llama/Vicuna with <unk>; others with EOS
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    tok.model_max_length = int(1e9)  # we enforce our own max length after image expansion
+    return tok
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: nn.Module | None = None, vision: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = vision if vision is not None else build_vision_tower(cfg.vision)
+        self.llm = llm if llm is not None else build_llm(cfg.llm)
+        self.llm.config.use_cache = False
+        self.projector = build_projector(cfg.projector, self.vision_tower.hidden_size, self.llm_hidden_size)
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return self.llm.get_input_embeddings().weight.shape[1]
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision_tower.num_tokens
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[N,3,H,W] pixels -> [N, tokens_per_image, llm_hidden] projected features."""
+        with torch.no_grad():
+            feats = self.vision_tower(images)
+        proj_dtype = next(self.projector.parameters(), feats).dtype
+        return self.projector(feats.to(proj_dtype))
+
+    def embed(self, input_ids, attention_mask, images=None, labels=None, padding_side="right"):
+        features = self.encode_images(images) if images is not None and images.shape[0] > 0 else None
+        return splice_images(input_ids, attention_mask, features, self.llm.get_input_embeddings(), labels, padding_side)
+
+    def forward(self, input_ids, attention_mask, images=None, labels=None):
+        """Returns (sum of token losses, number of supervised tokens); the caller normalises."""
+        batch = self.embed(input_ids, attention_mask, images, labels)
+        out = self.llm(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids, use_cache=False,
+        )
+        logits = out.logits[:, :-1].float()
+        targets = batch.labels[:, 1:]
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        if features_unused(images) and any(p.requires_grad for p in self.projector.parameters()):
+            # keep the projector in the autograd graph on text-only batches (DDP/ZeRO expect every grad)
+            loss_sum = loss_sum + sum(p.sum() for p in self.projector.parameters()) * 0.0
+        return loss_sum, targets.ne(IGNORE_INDEX).sum()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, images=None, **gen_kwargs) -> torch.Tensor:
+        """Left-padded prompts in, new token ids out (HF `generate` with KV cache)."""
+        batch = self.embed(input_ids, attention_mask, images, padding_side="left")
+        gen_kwargs.setdefault("use_cache", True)
+        return self.llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **gen_kwargs)
+
+    # ----------------------------------------------------------------- freezing
+    def set_trainable(self, train_projector: bool, train_llm: bool) -> dict[str, tuple[int, int]]:
+        """Freeze/unfreeze modules (the vision tower is always frozen); returns {module: (trainable, total)}."""
+        self.vision_tower.requires_grad_(False)
+        self.projector.requires_grad_(train_projector)
+        self.llm.requires_grad_(train_llm)
+        report = {}
+        for name, module in (("vision_tower", self.vision_tower), ("projector", self.projector), ("llm", self.llm)):
+            params = list(module.parameters())
+            report[name] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+        return report
+
+    # ------------------------------------------------------------- save / load
+    def save_projector(self, out_dir: str | Path, extra: dict | None = None) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+        save_file(state, out_dir / PROJECTOR_FILE, metadata={"projector": self.cfg.projector})
+        self._write_config(out_dir, extra)
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer, extra: dict | None = None) -> None:
+        """A self-contained model directory that `LlavaModel.from_pretrained` and `generate` load."""
+        out_dir = Path(out_dir)
+        self.save_projector(out_dir, extra)
+        if self.cfg.vision.model_config_file:  # a custom open_clip architecture travels with the model
+            arch_dir = out_dir / "vision_arch"
+            arch_dir.mkdir(exist_ok=True)
+            shutil.copy(self.cfg.vision.model_config_file, arch_dir / f"{self.cfg.vision.model}.json")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.vision_tower.state_dict().items()}, out_dir / VISION_FILE)
+        self.llm.save_pretrained(out_dir / LLM_DIR, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir / LLM_DIR)
+
+    def _write_config(self, out_dir: Path, extra: dict | None) -> None:
+        payload = {
+            "format": "llava_sft/1",
+            "model": asdict(self.cfg),
+            "dims": {"vision_hidden": self.vision_tower.hidden_size, "llm_hidden": self.llm_hidden_size,
+                     "tokens_per_image": self.tokens_per_image},
+            "image": {"size": self.vision_tower.image_size, "mean": list(self.vision_tower.image_mean),
+                      "std": list(self.vision_tower.image_std), "aspect": self.cfg.image_aspect},
+        }
+        payload.update(extra or {})
+        (out_dir / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
+
+    def load_projector(self, path: str | Path) -> None:
+        """Load a Stage-1 projector (a directory or the .safetensors file); fail clearly if it does not fit."""
+        path = Path(path)
+        file = path / PROJECTOR_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"pretrained projector not found: {file}")
+        cfg_file = file.parent / CONFIG_FILE
+        if cfg_file.is_file():
+            saved = json.loads(cfg_file.read_text())
+            kind = saved["model"]["projector"]
+            if kind != self.cfg.projector:
+                raise ValueError(f"pretrained projector {file} is {kind!r} but this model uses {self.cfg.projector!r}")
+            want = {"vision_hidden": self.vision_tower.hidden_size, "llm_hidden": self.llm_hidden_size}
+            got = {k: saved["dims"][k] for k in want}
+            if got != want:
+                raise ValueError(f"pretrained projector {file} has dims {got} but this model needs {want}")
+        state = load_file(str(file))
+        expected = self.projector.state_dict()
+        bad = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if k in expected and v.shape != expected[k].shape}
+        if set(state) != set(expected) or bad:
+            raise ValueError(
+                f"pretrained projector {file} does not fit projector {self.cfg.projector!r}: "
+                f"keys {sorted(state)} vs {sorted(expected)}, shape mismatches {bad}"
+            )
+        self.projector.load_state_dict(state)
+        log.info("loaded pretrained projector from %s", file)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu"):
+        """Load a saved model directory -> (model, tokenizer, saved config dict)."""
+        from llava_sft.config import from_dict
+
+        model_dir = Path(model_dir)
+        saved = json.loads((model_dir / CONFIG_FILE).read_text())
+        cfg: ModelConfig = from_dict(ModelConfig, saved["model"], where="model")
+        cfg.vision.pretrained = None  # weights come from this directory
+        if cfg.vision.model_config_file:
+            cfg.vision.model_config_file = str(model_dir / "vision_arch" / f"{cfg.vision.model}.json")
+        cfg.llm.path, cfg.llm.config = str(model_dir / LLM_DIR), None
+        model = cls(cfg)
+        model.vision_tower.load_state_dict(load_file(str(model_dir / VISION_FILE)))
+        model.load_projector(model_dir)
+        tokenizer = load_tokenizer(str(model_dir / LLM_DIR), use_fast=cfg.tokenizer_use_fast)
+        return model.to(device).eval(), tokenizer, saved
+
+
+def features_unused(images) -> bool:
+    return images is None or images.shape[0] == 0

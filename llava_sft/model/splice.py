@@ -1,0 +1,71 @@
+"""The one place where `<image>` placeholders become image feature tokens.
+
+`splice_images` takes padded token ids in which every image is a single IMAGE_TOKEN_INDEX and the
+projected features of all images of the batch (in order of appearance, row by row), and returns
+the LLM inputs: embeddings with each placeholder replaced by that image's feature tokens, labels
+set to IGNORE_INDEX at image positions, the attention mask and position ids. Text-only rows need
+no image at all. It is vectorised (no Python loop over samples) and handles left or right padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+@dataclass
+class SplicedBatch:
+    inputs_embeds: torch.Tensor  # [B, T, D]
+    attention_mask: torch.Tensor  # [B, T] (1 = real token)
+    position_ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor | None  # [B, T]
+
+
+def splice_images(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_features: torch.Tensor | None,
+    embed_tokens: torch.nn.Module,
+    labels: torch.Tensor | None = None,
+    padding_side: str = "right",
+) -> SplicedBatch:
+    """Replace each IMAGE_TOKEN_INDEX in `input_ids` by the matching row of `image_features` [N, P, D]."""
+    B, L = input_ids.shape
+    valid = attention_mask.bool()
+    is_image = input_ids.eq(IMAGE_TOKEN_INDEX) & valid
+    n_images = int(is_image.sum())
+    n_given = 0 if image_features is None else image_features.shape[0]
+    if n_images != n_given:
+        raise ValueError(f"batch has {n_images} image placeholder(s) but {n_given} image feature map(s)")
+    P = image_features.shape[1] if n_images else 1
+
+    # Each input position occupies 1 output slot (text) or P slots (image); padding occupies none.
+    width = torch.where(is_image, P, 1) * valid
+    lengths = width.sum(dim=1)
+    T = int(lengths.max())
+    start = width.cumsum(dim=1) - width  # first output slot of each input position
+    if padding_side == "left":
+        start = start + (T - lengths)[:, None]
+    elif padding_side != "right":
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+
+    text_b, text_t = (valid & ~is_image).nonzero(as_tuple=True)
+    text_embeds = embed_tokens(input_ids[text_b, text_t])
+    embeds = text_embeds.new_zeros(B, T, text_embeds.shape[-1])
+    embeds[text_b, start[text_b, text_t]] = text_embeds
+    new_labels = None
+    if labels is not None:
+        new_labels = labels.new_full((B, T), IGNORE_INDEX)
+        new_labels[text_b, start[text_b, text_t]] = labels[text_b, text_t]
+    if n_images:
+        img_b, img_t = is_image.nonzero(as_tuple=True)  # row-major = order of appearance
+        slots = start[img_b, img_t][:, None] + torch.arange(P, device=input_ids.device)
+        embeds[img_b[:, None].expand(-1, P), slots] = image_features.to(embeds.dtype)
+
+    slot = torch.arange(T, device=input_ids.device)[None, :]
+    first = (T - lengths)[:, None] if padding_side == "left" else torch.zeros_like(lengths)[:, None]
+    new_mask = (slot >= first) & (slot < first + lengths[:, None])
+    position_ids = (slot - first).clamp(min=0) * new_mask
+    return SplicedBatch(embeds, new_mask.long(), position_ids, new_labels)

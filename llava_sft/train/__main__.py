@@ -1,0 +1,32 @@
+"""Train a LLaVA model (Stage 1 or Stage 2: the same core, different configs).
+
+Single process:
+    python -m llava_sft.train configs/demo/stage1.yaml
+    python -m llava_sft.train configs/llava_v1_5/stage2_finetune_7b.yaml train.lr=2e-5 data.max_length=1024
+All GPUs of a node (the global batch is kept constant through gradient accumulation):
+    torchrun --nproc_per_node 8 -m llava_sft.train configs/llava_v1_5/stage1_pretrain_7b.yaml
+or simply `bash scripts/stage1.sh` then `bash scripts/stage2.sh` (see README).
+"""
+import sys
+
+from llava_sft.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from llava_sft.train.trainer import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

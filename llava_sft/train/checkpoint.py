@@ -1,0 +1,68 @@
+"""Periodic training checkpoints: one obvious dict, written atomically, the last N kept.
+
+    {"step", "data_position": {"epoch", "step_in_epoch"}, "trainable": {name: tensor},
+     "optimizer", "scheduler", "rng": {...}, "config": {...}}
+
+`trainable` holds only parameters that train (the projector in Stage 1), so Stage-1 checkpoints
+are small and resumable. A checkpoint directory is complete once `DONE` exists inside it; it is
+written under a temporary name and renamed, so a crash while saving never leaves a checkpoint
+that looks valid but is not.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: str | Path, step: int, payload: dict, keep_last: int) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(payload, tmp / "state.pt")
+    (tmp / "DONE").write_text(str(step))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "DONE").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / "DONE").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no DONE marker)")
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,310 @@
+"""The one training core. Stage 1 and Stage 2 differ only in their config.
+
+Stage 1 (feature alignment):   train.train_projector=true  train.train_llm=false  data.template=plain
+Stage 2 (instruction tuning):  train.train_projector=true  train.train_llm=true   data.template=vicuna_v1
+                               train.pretrained_projector=<stage-1 output dir>
+
+Per optimizer step: the micro-batches of this rank are loaded first, the supervised tokens of the
+whole global batch (all micro-batches, all ranks) are counted, and each micro-batch's summed
+token loss is divided by that count, so accumulating k micro-batches equals one k-times-larger
+batch exactly. Then: grad clipping, AdamW, warmup + cosine schedule.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from llava_sft.config import RunConfig, save_config, to_dict
+from llava_sft.constants import IGNORE_INDEX
+from llava_sft.data.dataset import Collator, LlavaJsonDataset
+from llava_sft.data.images import ImageProcessor
+from llava_sft.data.sampler import BatchPlan
+from llava_sft.data.templates import get_template
+from llava_sft.model.llava import LlavaModel, load_tokenizer
+from llava_sft.train import checkpoint as ckpt
+from llava_sft.train.logger import MetricsLogger, plot_loss_curve
+
+log = logging.getLogger("llava_sft.train")
+
+
+# ----------------------------------------------------------------------------- setup
+def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:  # step = number of optimizer steps already taken
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"train.lr_schedule must be 'cosine' or 'constant', got {schedule!r}")
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on biases and norm weights), as HF Trainer / LLaVA."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def all_reduce_sum(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def log_trainable(report: dict[str, tuple[int, int]]) -> None:
+    log.info("%-14s %16s %16s  %s", "module", "trainable", "total", "status")
+    for name, (trainable, total) in report.items():
+        status = "frozen" if trainable == 0 else ("trainable" if trainable == total else "partly trainable")
+        log.info("%-14s %16s %16s  %s", name, f"{trainable:,}", f"{total:,}", status)
+
+
+# ------------------------------------------------------------------------------ train
+def build(cfg: RunConfig, device: torch.device):
+    """Model, tokenizer, dataset for a run config (also used by tests)."""
+    tok_path = cfg.model.tokenizer or cfg.model.llm.path
+    if not tok_path:
+        raise ValueError("model.tokenizer is required when the LLM is built from a config")
+    tokenizer = load_tokenizer(tok_path, use_fast=cfg.model.tokenizer_use_fast)
+    template = get_template(cfg.data.template)  # unknown template: clear error before the model loads
+    if cfg.model.llm.config is not None:
+        cfg.model.llm.config.setdefault("vocab_size", len(tokenizer))
+    model = LlavaModel(cfg.model)
+    vocab = model.llm.get_input_embeddings().weight.shape[0]
+    if vocab < len(tokenizer):
+        raise ValueError(f"the LLM has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens")
+    if cfg.train.pretrained_projector:
+        model.load_projector(cfg.train.pretrained_projector)
+    tower = model.vision_tower
+    processor = ImageProcessor(tower.image_size, tower.image_mean, tower.image_std, cfg.model.image_aspect)
+    dataset = LlavaJsonDataset(
+        cfg.data.path, cfg.data.image_folder, tokenizer, template, processor, model.tokens_per_image,
+        cfg.data.max_length, cfg.data.overlong, cfg.data.bad_samples, cfg.data.check_images_at_start,
+    )
+    return model.to(device), tokenizer, dataset
+
+
+def train(cfg: RunConfig) -> Path:
+    rank, world, device = setup_distributed(cfg.train.device)
+    is_main = rank == 0
+    run_dir = Path(cfg.train.output_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    _setup_logging(run_dir if is_main else None)
+    seed_everything(cfg.train.seed)
+    t_cfg = cfg.train
+
+    model, tokenizer, dataset = build(cfg, device)
+    log_trainable(model.set_trainable(t_cfg.train_projector, t_cfg.train_llm))
+    if t_cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plan = BatchPlan([dataset.approx_length(i) for i in range(len(dataset))],
+                     [dataset.has_image(i) for i in range(len(dataset))], t_cfg.global_batch_size,
+                     t_cfg.micro_batch_size, world, rank, t_cfg.seed, cfg.data.group_by_modality)
+    total_steps = t_cfg.max_steps or math.ceil(t_cfg.epochs * plan.steps_per_epoch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
+    optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.lr,
+                                  betas=tuple(t_cfg.adam_betas), eps=t_cfg.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else None
+
+    step = _maybe_resume(run_dir / "checkpoints", model, optimizer, scheduler)
+    log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d accumulation x %d micro",
+             len(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
+             plan.accumulation_steps, t_cfg.micro_batch_size)
+    metrics = MetricsLogger(run_dir, is_main, t_cfg.tensorboard, t_cfg.wandb_project, cfg.run_name, to_dict(cfg), append=step > 0)
+    collate = Collator(tokenizer.pad_token_id)
+    use_autocast = device.type == "cuda" and t_cfg.bf16
+    flops_per_token = _flops_per_token(model, t_cfg.train_llm)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc=cfg.run_name, dynamic_ncols=True)
+    batches = None
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+        if batches is None or in_epoch == 0:
+            batches = _epoch_loader(dataset, plan, epoch, in_epoch, collate, cfg.data.num_workers)
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(plan.accumulation_steps)]
+        t_data = time.perf_counter() - t0
+        row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, dataset.report)
+        step += 1
+        t_step = time.perf_counter() - t0
+        row.update(step=step, epoch=round(step / plan.steps_per_epoch, 4), data_s=round(t_data, 4),
+                   compute_s=round(t_step - t_data, 4), tokens_per_s=round(row["tokens"] / t_step, 1),
+                   samples_per_s=round(row["samples"] / t_step, 2))
+        if t_cfg.flops_per_second_peak:
+            row["mfu"] = round(flops_per_token * row["tokens"] / t_step / (t_cfg.flops_per_second_peak * world), 4)
+        if step % t_cfg.log_every == 0 or step == total_steps:
+            metrics.log(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        bar.update(1)
+        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps and is_main:
+            _save_periodic(run_dir, step, plan, model, optimizer, scheduler, cfg)
+    bar.close()
+    metrics.close()
+    if is_main:
+        _save_final(run_dir, model, tokenizer, cfg, dataset, plan, total_steps)
+    if world > 1:
+        dist.barrier()
+    return run_dir
+
+
+def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_autocast: bool) -> dict:
+    """Forward/backward over one step's micro-batches, normalised by the global supervised-token count.
+
+    Afterwards `p.grad` holds d(mean token loss over the whole global batch)/dp, whatever the split
+    into micro-batches and ranks.
+    """
+    micro = [b for b in micro if "input_ids" in b]
+    n_local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro)
+    stats = all_reduce_sum(torch.tensor([float(n_local), float(sum(len(b["ids"]) for b in micro))]), world)
+    n_global = max(stats[0].item(), 1.0)
+    loss_total, tokens = torch.zeros((), device=device), 0
+    module = ddp if ddp is not None else model
+    for i, batch in enumerate(micro):
+        sync = ddp is None or i == len(micro) - 1
+        with (contextlib.nullcontext() if sync else ddp.no_sync()):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                loss_sum, _ = module(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     batch["images"].to(device), batch["labels"].to(device))
+            (loss_sum * (world / n_global)).backward()  # DDP averages over ranks: x world restores the global sum
+        loss_total += loss_sum.detach()
+        tokens += int(batch["attention_mask"].sum()) + int(batch["images"].shape[0]) * (model.tokens_per_image - 1)
+    loss = all_reduce_sum(loss_total, world).item() / n_global
+    return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens * world, "samples": int(stats[1].item())}
+
+
+def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, report) -> dict:
+    for batch in micro:
+        for sample_id, reason in batch["skipped"]:
+            report.add(sample_id, reason)
+        report.truncated += batch["truncated"]
+    row = accumulate_gradients(model, ddp, micro, world, device, use_autocast)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params if p.grad is not None]
+    if t_cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    row.update(loss=round(row["loss"], 6), lr=lr, grad_norm=round(float(grad_norm), 6))
+    return row
+
+
+def _epoch_loader(dataset, plan: BatchPlan, epoch: int, start: int, collate, num_workers: int):
+    """Iterator over this rank's micro-batches of `epoch`, from global batch `start` on."""
+    micro = [mb for gb in plan.global_batches(epoch)[start:] for mb in plan.micro_batches(gb)]
+    loader = DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=num_workers,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return iter(loader)
+
+
+def _flops_per_token(model: LlavaModel, train_llm: bool) -> float:
+    """Approximate training FLOPs per sequence token: forward 2N, backward 2N (+2N weight grads if the LLM trains)."""
+    n_llm = sum(p.numel() for p in model.llm.parameters())
+    return (6 if train_llm else 4) * n_llm
+
+
+def _maybe_resume(ckpt_root: Path, model, optimizer, scheduler) -> int:
+    found = ckpt.list_checkpoints(ckpt_root)
+    if not found:
+        return 0
+    state = ckpt.load_checkpoint(found[-1])
+    named = dict(model.named_parameters())
+    for name, tensor in state["trainable"].items():
+        named[name].data.copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    log.info("resumed from %s at step %d", found[-1], state["step"])
+    return state["step"]
+
+
+def _save_periodic(run_dir, step, plan, model, optimizer, scheduler, cfg) -> None:
+    epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+    payload = {
+        "step": step, "data_position": {"epoch": epoch, "step_in_epoch": in_epoch},
+        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
+        "config": to_dict(cfg),
+    }
+    path = ckpt.save_checkpoint(run_dir / "checkpoints", step, payload, cfg.train.keep_last)
+    log.info("saved checkpoint %s", path)
+
+
+def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dataset, plan, total_steps) -> None:
+    extra = {"template": cfg.model.template, "trained": {"run_name": cfg.run_name, "steps": total_steps}}
+    if cfg.train.save_full_model:
+        model.save_pretrained(run_dir, tokenizer, extra)
+    else:
+        model.save_projector(run_dir, extra)
+    report = {
+        "steps": total_steps, "samples": len(dataset),
+        "repeated_to_fill_last_batch_per_epoch": plan.repeated_per_epoch(),
+        "rejected_or_skipped": dataset.report.counts(), "truncated": dataset.report.truncated,
+    }
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if dataset.report.skipped:
+        with (run_dir / "skipped.jsonl").open("w") as f:
+            for sample_id, reason in dataset.report.skipped:
+                f.write(json.dumps({"id": sample_id, "reason": reason}) + "\n")
+        log.warning("%d sample(s) skipped: %s (listed in %s)", len(dataset.report.skipped),
+                    report["rejected_or_skipped"], run_dir / "skipped.jsonl")
+    plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    log.info("saved %s to %s", "model" if cfg.train.save_full_model else "projector", run_dir)
+
+
+def _setup_logging(run_dir: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if run_dir is not None:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO if run_dir is not None else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)

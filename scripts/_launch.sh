@@ -1,0 +1,20 @@
+# Shared launcher for stage1.sh / stage2.sh (sourced, not run).
+# Single node: all local GPUs. Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node.
+# The global batch size in the config is kept constant: the trainer derives the gradient-accumulation
+# steps as global_batch_size / (world_size x micro_batch_size).
+launch() {
+  local config=$1; shift
+  if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+    GPUS_PER_NODE=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c GPU || echo 0)
+  fi
+  NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
+  export TOKENIZERS_PARALLELISM=false
+  if [[ "$GPUS_PER_NODE" -le 1 && "$NNODES" -eq 1 ]]; then
+    echo "[launch] single process: python -m llava_sft.train $config $*"
+    exec python -m llava_sft.train "$config" "$@"
+  fi
+  echo "[launch] torchrun: $NNODES node(s) x $GPUS_PER_NODE GPU(s), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT"
+  exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m llava_sft.train "$config" "$@"
+}

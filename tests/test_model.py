@@ -1,0 +1,178 @@
+"""Model: vision features, projectors, <image> splicing, mixed batches, hand-off, generation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from llava_sft.config import from_dict
+from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_sft.model.llava import LlavaModel, ModelConfig, load_tokenizer
+from llava_sft.model.projector import build_projector
+from llava_sft.model.splice import splice_images
+from llava_sft.model.vision import VisionConfig, build_vision_tower
+from tests.tiny import TEST_VIT, model_dict
+
+P, D = 3, 4  # tokens per image and embedding width for the splicing tests
+
+
+class IdEmbedding(torch.nn.Module):
+    """Embeds token t as the vector [t, t, t, t], so positions can be read back from the output."""
+
+    def forward(self, ids):
+        return ids.float()[..., None].expand(*ids.shape, D)
+
+
+def image_feats(*values):
+    return torch.stack([torch.full((P, D), float(v)) for v in values])
+
+
+def test_splice_places_image_tokens_and_masks_their_labels():
+    ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 6, 7], [1, IMAGE_TOKEN_INDEX, 8, IMAGE_TOKEN_INDEX, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, 6, 7], [-100, -100, 8, -100, -100]])
+    out = splice_images(ids, mask, image_feats(100, 200, 300), IdEmbedding(), labels)
+    # row 0: 1 5 [100 x3] 6 7 ; row 1: 1 [200 x3] 8 [300 x3]
+    assert out.inputs_embeds[0, :, 0].tolist() == [1, 5, 100, 100, 100, 6, 7, 0]
+    assert out.inputs_embeds[1, :, 0].tolist() == [1, 200, 200, 200, 8, 300, 300, 300]
+    assert out.labels[0].tolist() == [-100, -100, -100, -100, -100, 6, 7, -100]
+    assert out.labels[1].tolist() == [-100, -100, -100, -100, 8, -100, -100, -100]
+    assert out.attention_mask.tolist() == [[1] * 7 + [0], [1] * 8]
+    assert out.position_ids[1].tolist() == list(range(8))
+    assert out.position_ids[0, :7].tolist() == list(range(7))
+
+
+def test_splice_left_padding_for_generation():
+    ids = torch.tensor([[0, 0, 1, IMAGE_TOKEN_INDEX, 9], [1, 4, IMAGE_TOKEN_INDEX, 5, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = splice_images(ids, mask, image_feats(100, 200), IdEmbedding(), padding_side="left")
+    assert out.inputs_embeds[0, :, 0].tolist() == [0, 0, 1, 100, 100, 100, 9]
+    assert out.inputs_embeds[1, :, 0].tolist() == [1, 4, 200, 200, 200, 5, 6]
+    assert out.attention_mask[0].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    assert out.position_ids[0, 2:].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_splice_text_only_batch_needs_no_image_and_count_mismatch_fails():
+    ids = torch.tensor([[1, 2, 3]])
+    out = splice_images(ids, torch.ones_like(ids), None, IdEmbedding(), ids.clone())
+    assert out.inputs_embeds[0, :, 0].tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="1 image placeholder"):
+        splice_images(torch.tensor([[1, IMAGE_TOKEN_INDEX]]), torch.ones(1, 2, dtype=torch.long), None, IdEmbedding())
+
+
+def test_vision_tower_reads_the_selected_block_and_drops_cls():
+    cfg = VisionConfig(model="test-vit", pretrained=None, model_config_file=TEST_VIT, select_layer=-2)
+    tower = build_vision_tower(cfg)
+    pixels = torch.randn(2, 3, 32, 32)
+    visual = tower.visual
+    with torch.no_grad():
+        hidden = [visual._embeds(pixels)]  # HF-style hidden states: embeddings, then every block's output
+        for block in visual.transformer.resblocks:
+            hidden.append(block(hidden[-1]))
+    assert torch.allclose(tower(pixels), hidden[-2][:, 1:], atol=1e-6)  # penultimate block, CLS dropped
+    cls_tower = build_vision_tower(VisionConfig(model="test-vit", pretrained=None, model_config_file=TEST_VIT,
+                                                select_layer=-1, select_feature="cls_patch"))
+    cls_tower.load_state_dict(tower.state_dict())
+    assert torch.allclose(cls_tower(pixels), hidden[-1], atol=1e-6)
+    assert tower.num_tokens == 16 and cls_tower.num_tokens == 17
+    assert type(visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"  # OpenAI CLIP activation
+    assert not any(p.requires_grad for p in tower.parameters())
+    tower.train()
+    assert not tower.training  # frozen towers stay in eval mode
+
+
+def test_projectors():
+    mlp = build_projector("mlp2x_gelu", 8, 16)
+    assert [type(m).__name__ for m in mlp] == ["Linear", "GELU", "Linear"]
+    assert len(build_projector("mlp3x_gelu", 8, 16)) == 5
+    assert isinstance(build_projector("linear", 8, 16), torch.nn.Linear)
+    with pytest.raises(ValueError, match="identity"):
+        build_projector("identity", 8, 16)
+    with pytest.raises(ValueError, match="unknown projector"):
+        build_projector("mlp2x_relu", 8, 16)
+
+
+def make_model(tokenizer_dir, seed: int = 0, **kw) -> LlavaModel:
+    torch.manual_seed(seed)
+    cfg = from_dict(ModelConfig, model_dict(tokenizer_dir, **kw))
+    cfg.llm.config["vocab_size"] = len(load_tokenizer(str(tokenizer_dir)))
+    return LlavaModel(cfg)
+
+
+def test_mixed_batch_runs_the_vision_tower_only_on_real_images(llama_tokenizer_dir):
+    model = make_model(llama_tokenizer_dir)
+    seen = []
+    model.vision_tower.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 7, 8, 9], [1, 10, 11, 12, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, -100, 11, 12, -100]])
+    pixels = torch.randn(1, 3, 32, 32)
+    loss_sum, n = model(ids, mask, pixels, labels)
+    assert seen == [1]  # one real image, no dummy image for the text-only row
+    assert int(n) == 4 and torch.isfinite(loss_sum)
+    # rows are independent: the mixed batch's loss is the sum of each row's loss alone
+    image_row, _ = model(ids[:1], mask[:1], pixels, labels[:1])
+    text_row, n_text = model(ids[1:, :4], mask[1:, :4], torch.zeros(0, 3, 32, 32), labels[1:, :4])
+    assert int(n_text) == 2 and seen == [1, 1]
+    assert torch.allclose(loss_sum, image_row + text_row, atol=1e-4)
+    loss_sum.backward()
+    assert model.projector[0].weight.grad is not None
+
+
+def test_projector_handoff_and_clear_failure_on_mismatch(llama_tokenizer_dir, tmp_path):
+    stage1 = make_model(llama_tokenizer_dir)
+    stage1.save_projector(tmp_path / "stage1")
+    stage2 = make_model(llama_tokenizer_dir, seed=1)
+    assert not torch.equal(stage2.projector[0].weight, stage1.projector[0].weight)
+    stage2.load_projector(tmp_path / "stage1")
+    for a, b in zip(stage1.projector.state_dict().values(), stage2.projector.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="'mlp2x_gelu' but this model uses 'linear'"):
+        make_model(llama_tokenizer_dir, projector="linear").load_projector(tmp_path / "stage1")
+    with pytest.raises(ValueError, match="dims"):
+        make_model(llama_tokenizer_dir, hidden=32).load_projector(tmp_path / "stage1")
+    with pytest.raises(FileNotFoundError):
+        stage2.load_projector(tmp_path / "nowhere")
+    # a bare projector file without its config is still checked by shape
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "stage1" / "projector.safetensors").rename(tmp_path / "bare" / "projector.safetensors")
+    with pytest.raises(ValueError, match="does not fit"):
+        make_model(llama_tokenizer_dir, hidden=32).load_projector(tmp_path / "bare" / "projector.safetensors")
+
+
+def test_saved_model_generates_deterministically_and_batching_does_not_change_answers(llama_tokenizer_dir, tmp_path):
+    from llava_sft.generate import Answerer
+
+    model = make_model(llama_tokenizer_dir)
+    model.save_pretrained(tmp_path / "m", load_tokenizer(str(llama_tokenizer_dir)), {"template": "vicuna_v1"})
+    saved = json.loads((tmp_path / "m" / "llava_config.json").read_text())
+    assert saved["image"]["aspect"] == "pad" and saved["template"] == "vicuna_v1"
+    answerer = Answerer(tmp_path / "m", device="cpu")
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue", "green")]
+    questions = ["What is it?", "What color is it?", "Is it big?"]
+    batched = answerer.answer(questions, images, max_new_tokens=8)
+    assert batched == answerer.answer(questions, images, max_new_tokens=8)
+    single = [answerer.answer([q], [im], max_new_tokens=8)[0] for q, im in zip(questions, images)]
+    assert batched == single
+    again = Answerer(tmp_path / "m", device="cpu").answer(questions, images, max_new_tokens=8)
+    assert again == batched  # the saved directory alone determines the answers
+    # the loaded model has the same weights as the saved one
+    for (name, a), b in zip(model.state_dict().items(), answerer.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_vision_tower_loads_a_local_weights_file_offline(tmp_path):
+    import open_clip
+
+    open_clip.add_model_config(TEST_VIT)
+    reference = open_clip.create_model("test-vit", force_quick_gelu=True)
+    torch.save(reference.state_dict(), tmp_path / "weights.pt")
+    tower = build_vision_tower(VisionConfig(model="test-vit", pretrained=str(tmp_path / "weights.pt"),
+                                            model_config_file=TEST_VIT))
+    for name, value in reference.visual.state_dict().items():
+        assert torch.equal(tower.visual.state_dict()[name], value), name
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_vision_tower(VisionConfig(model="test-vit", pretrained=str(tmp_path / "missing.pt"),
+                                        model_config_file=TEST_VIT))

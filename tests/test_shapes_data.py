@@ -1,0 +1,298 @@
+"""Tests for the synthetic shapes dataset (data_prep.make_shapes) and its scorer.
+
+The generator runs as a subprocess (exactly as documented) on a small config;
+answers are checked against an independent oracle over ``meta.jsonl`` and the
+rendered pixels, not against the generator's own helpers.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_sft.eval.shapes import load_jsonl, normalize_answer, score_shapes
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"--n-stage1": 60, "--n-stage2": 200, "--n-eval": 50, "--text-only-frac": 0.1}
+IMAGE_SIZE = 64
+# Independent notion of what each colour name should look like.
+REFERENCE_RGB = {
+    "red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255),
+    "yellow": (255, 220, 0), "purple": (128, 0, 160), "orange": (255, 140, 0),
+}
+SHAPE_WORDS = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")
+
+
+def generate(out: Path, seed: int = 0) -> Path:
+    args = [str(x) for kv in SMALL.items() for x in kv]
+    subprocess.run(
+        [sys.executable, "-m", "data_prep.make_shapes", "--out", str(out), "--seed", str(seed),
+         "--image-size", str(IMAGE_SIZE), *args],
+        cwd=REPO, check=True, capture_output=True, timeout=120,
+    )
+    return out
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    out = generate(tmp_path_factory.mktemp("shapes"))
+    return {
+        "root": out,
+        "stage1": json.loads((out / "stage1.json").read_text()),
+        "stage2": json.loads((out / "stage2.json").read_text()),
+        "questions": load_jsonl(out / "eval" / "questions.jsonl"),
+        "answers": load_jsonl(out / "eval" / "answers.jsonl"),
+        "meta": {m["image"]: m for m in load_jsonl(out / "meta.jsonl")},
+        "manifest": json.loads((out / "manifest.json").read_text()),
+    }
+
+
+def oracle(question: str, shapes: list[dict]) -> str | None:
+    """The answer implied by the image metadata, or None for a description request."""
+    q = question.replace("<image>", "").strip()
+    colors = [c for c in REFERENCE_RGB if re.search(rf"\b{c}\b", q)]
+    kinds = [k for k in SHAPE_WORDS if re.search(rf"\b{k}s?\b", q)]
+    pairs = {(s["color"], s["shape"]): s for s in shapes}
+    if q.startswith(("Is there", "Can you see")):
+        return "yes" if (colors[0], kinds[0]) in pairs else "no"
+    if q.startswith(("How many", "Count")):
+        if kinds:
+            return str(sum(s["shape"] == kinds[0] for s in shapes))
+        return str(len(shapes))
+    if q.startswith(("Where", "In which part")):
+        return pairs[(colors[0], kinds[0])]["position"]
+    if "color" in q:
+        (match,) = [s for s in shapes if s["shape"] == kinds[0]]  # must be unambiguous
+        return match["color"]
+    if "shape" in q:
+        (match,) = [s for s in shapes if s["color"] == colors[0]]
+        return match["shape"]
+    return None
+
+
+def assert_caption_matches(text: str, shapes: list[dict]) -> None:
+    assert text.endswith(".")
+    mentioned = re.findall(r"\b(?:circle|square|triangle)\b", text)
+    assert len(mentioned) == len(shapes)
+    for s in shapes:
+        assert re.search(rf"\b{s['color']} {s['shape']} (at|on|in) the {s['position']}\b", text), text
+
+
+def image_samples(data: dict) -> list[dict]:
+    return [s for s in data["stage1"] + data["stage2"] if "image" in s]
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def test_deterministic(tmp_path):
+    first = read_tree(generate(tmp_path / "a"))
+    second = read_tree(generate(tmp_path / "b"))
+    assert first.keys() == second.keys()
+    assert all(first[k] == second[k] for k in first)
+    other = read_tree(generate(tmp_path / "c", seed=1))
+    assert other["stage1.json"] != first["stage1.json"]
+
+
+def test_layout_and_manifest(data):
+    root, manifest = data["root"], data["manifest"]
+    counts = manifest["counts"]
+    n_images = len(list((root / "images").glob("*.png")))
+    assert n_images == counts["images"] == len(data["meta"])
+    assert counts["stage1"] == len(data["stage1"]) == SMALL["--n-stage1"]
+    assert counts["stage2"]["samples"] == len(data["stage2"]) == SMALL["--n-stage2"]
+    assert counts["eval"]["questions"] == len(data["questions"]) == SMALL["--n-eval"]
+    blank = np.asarray(Image.open(root / "eval" / "blank.png").convert("RGB"))
+    sample = Image.open(root / "images" / data["questions"][0]["image"])
+    assert blank.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and sample.size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert (blank == blank[0, 0]).all() and blank.min() >= 230  # uniform light background
+
+
+def test_disjoint_images(data):
+    stage1 = {s["image"] for s in data["stage1"]}
+    stage2 = {s["image"] for s in data["stage2"] if "image" in s}
+    evals = {q["image"] for q in data["questions"]}
+    assert len(stage1) == len(data["stage1"]) and len(evals) == len(data["questions"])
+    assert not (stage1 & stage2 or stage1 & evals or stage2 & evals)
+    assert stage1 | stage2 | evals == set(data["meta"])
+    for split, names in (("stage1", stage1), ("stage2", stage2), ("eval", evals)):
+        assert {data["meta"][n]["split"] for n in names} == {split}
+
+
+def test_image_token_matches_image_key(data):
+    for sample in data["stage1"] + data["stage2"]:
+        turns = sample["conversations"]
+        total = sum(t["value"].count("<image>") for t in turns)
+        if "image" not in sample:
+            assert total == 0
+            continue
+        first = turns[0]["value"]
+        assert total == first.count("<image>") == 1
+        assert first.startswith("<image>\n") or first.endswith("\n<image>")
+    assert not any("<image>" in q["text"] for q in data["questions"])
+    placements = Counter(s["conversations"][0]["value"].startswith("<image>") for s in data["stage1"])
+    assert placements[True] > 0 and placements[False] > 0
+
+
+def test_roles_alternate(data):
+    for sample in data["stage1"] + data["stage2"]:
+        roles = [t["from"] for t in sample["conversations"]]
+        assert roles == ["human", "gpt"] * (len(roles) // 2) and roles
+    assert all(len(s["conversations"]) == 2 for s in data["stage1"])
+    assert {len(s["conversations"]) // 2 for s in data["stage2"] if "image" in s} == {1, 2, 3}
+
+
+def test_layouts_are_valid(data):
+    for meta in data["meta"].values():
+        shapes = meta["shapes"]
+        assert 1 <= len(shapes) <= 3
+        assert len({s["cell"] for s in shapes}) == len(shapes)
+        assert len({(s["color"], s["shape"]) for s in shapes}) == len(shapes)
+        for s in shapes:
+            assert s["position"] == POSITIONS[s["cell"]]
+            assert 0.15 <= s["size"] / IMAGE_SIZE <= 0.3
+
+
+def test_pixels_match_metadata(data):
+    reference = {name: np.array(rgb, dtype=float) for name, rgb in REFERENCE_RGB.items()}
+    cell = IMAGE_SIZE / 3
+    for name, meta in data["meta"].items():
+        pixels = np.asarray(Image.open(data["root"] / "images" / name).convert("RGB"), dtype=float)
+        for s in meta["shapes"]:
+            x, y = (int(v) for v in s["center"])
+            assert int(s["cell"] % 3) == int(x // cell) and int(s["cell"] // 3) == int(y // cell)
+            rgb = pixels[y, x]
+            nearest = min(reference, key=lambda c: np.linalg.norm(reference[c] - rgb))
+            assert nearest == s["color"], (name, s, rgb)
+        for empty in set(range(9)) - {s["cell"] for s in meta["shapes"]}:
+            row, col = divmod(empty, 3)
+            assert pixels[int((row + 0.5) * cell), int((col + 0.5) * cell)].min() >= 230
+
+
+def test_stage1_captions_match_images(data):
+    for sample in data["stage1"]:
+        assert_caption_matches(sample["conversations"][1]["value"], data["meta"][sample["image"]]["shapes"])
+    instructions = {s["conversations"][0]["value"].replace("<image>", "").strip() for s in data["stage1"]}
+    assert len(instructions) > 2
+
+
+def test_stage2_answers_match_images(data):
+    asked = Counter()
+    for sample in data["stage2"]:
+        if "image" not in sample:
+            continue
+        shapes = data["meta"][sample["image"]]["shapes"]
+        turns = sample["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            expected = oracle(human["value"], shapes)
+            if expected is None:
+                assert_caption_matches(gpt["value"], shapes)
+                asked["describe"] += 1
+            else:
+                assert gpt["value"] == expected, human["value"]
+                asked[gpt["value"] in ("yes", "no")] += 1
+    assert asked["describe"] > 0 and asked[True] > 0 and asked[False] > 0
+
+
+def test_text_only_fraction_and_answers(data):
+    text_only = [s for s in data["stage2"] if "image" not in s]
+    frac = SMALL["--text-only-frac"]
+    assert abs(len(text_only) / len(data["stage2"]) - frac) <= 0.02
+    for sample in text_only:
+        turns = sample["conversations"]
+        assert 1 <= len(turns) // 2 <= 2
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            m = re.fullmatch(r"What is (\d+) (plus|minus) (\d+)\?", human["value"])
+            if m:
+                a, b = int(m[1]), int(m[3])
+                assert gpt["value"] == str(a + b if m[2] == "plus" else a - b)
+
+
+def test_eval_balanced_and_consistent(data):
+    questions, answers = data["questions"], data["answers"]
+    by_type = Counter(q["category"] for q in questions)
+    assert set(by_type) == {"color", "shape", "count", "position", "exists"}
+    assert max(by_type.values()) - min(by_type.values()) <= 1
+    assert [q["question_id"] for q in questions] == [a["question_id"] for a in answers]
+    assert len({q["question_id"] for q in questions}) == len(questions)
+    exists = Counter(a["answer"] for a in answers if a["category"] == "exists")
+    assert abs(exists["yes"] - exists["no"]) <= 1
+    for q, a in zip(questions, answers):
+        assert q["category"] == a["category"]
+        assert oracle(q["text"], data["meta"][q["image"]]["shapes"]) == a["answer"]
+    vocab = data["manifest"]["vocab"]
+    assert all(a["answer"] in vocab[a["category"]] for a in answers)
+
+
+def test_corpus_covers_all_text(data):
+    lines = set((data["root"] / "corpus.txt").read_text().splitlines())
+    assert not any("<image>" in line for line in lines)
+    texts = [t["value"].replace("<image>", "").strip()
+             for s in data["stage1"] + data["stage2"] for t in s["conversations"]]
+    texts += [q["text"] for q in data["questions"]] + [a["answer"] for a in data["answers"]]
+    assert set(texts) <= lines
+
+
+# --------------------------------------------------------------------------- scorer
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Red.", "red"),
+    ("  red  ", "red"),
+    ("two", "2"),
+    ("Three!", "3"),
+    ("Top  Left.", "top left"),
+    ("Yes. There is a green triangle in the image.", "yes"),
+    ("a circle", "circle"),
+    ("circle\nIt is drawn at the top.", "circle"),
+    ('"No"', "no"),
+    ("", ""),
+])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_score_shapes_hand_written():
+    answers = [
+        {"question_id": 0, "answer": "red", "category": "color"},
+        {"question_id": 1, "answer": "2", "category": "count"},
+        {"question_id": 2, "answer": "top left", "category": "position"},
+        {"question_id": 3, "answer": "yes", "category": "exists"},
+    ]
+    result = score_shapes({0: "Red.", 1: "two", 3: "no"}, answers)
+    assert result["n"] == 4 and result["missing"] == 1
+    assert result["accuracy"] == pytest.approx(0.5)
+    assert result["by_type"] == {
+        "color": {"accuracy": 1.0, "n": 1}, "count": {"accuracy": 1.0, "n": 1},
+        "exists": {"accuracy": 0.0, "n": 1}, "position": {"accuracy": 0.0, "n": 1},
+    }
+    assert score_shapes({"0": "red"}, answers[:1])["accuracy"] == 1.0  # JSON-style str keys
+    assert score_shapes({}, [])["accuracy"] == 0.0
+
+
+def test_score_shapes_on_generated_eval(data):
+    answers = data["answers"]
+    perfect = score_shapes({a["question_id"]: a["answer"] for a in answers}, answers)
+    assert perfect["accuracy"] == 1.0 and perfect["missing"] == 0
+    always_yes = score_shapes({a["question_id"]: "Yes." for a in answers}, answers)
+    assert always_yes["by_type"]["exists"]["accuracy"] == pytest.approx(0.5, abs=0.1)
+    assert always_yes["by_type"]["color"]["accuracy"] == 0.0
+
+
+def test_load_jsonl_skips_blank_lines(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert load_jsonl(path) == [{"a": 1}, {"a": 2}]
