@@ -236,11 +236,11 @@ def make_stage1(rng: random.Random, n: int, images: ImageWriter) -> list[dict]:
 
 
 def make_stage2(rng: random.Random, n: int, text_only_frac: float, images: ImageWriter,
-                type_counts: Counter) -> list[dict]:
+                type_counts: Counter, max_rounds: int = 3) -> list[dict]:
     text_only = set(rng.sample(range(n), round(n * text_only_frac)))
     samples = []
     for i in range(n):
-        rounds = rng.randint(1, 3)
+        rounds = rng.randint(1, max_rounds)
         if i in text_only:
             qas = [text_only_qa(rng) for _ in range(min(rounds, 2))]
             type_counts["text_only"] += len(qas)
@@ -292,21 +292,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 3000,
-             n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1) -> dict:
+             n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1, max_rounds: int = 3) -> dict:
     """Write the whole dataset under ``out`` and return the manifest."""
     if image_size < 32:
         raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
     if not 0.0 <= text_only_frac < 1.0:
         raise ValueError("text_only_frac must be in [0, 1)")
     args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
-            "n_eval": n_eval, "text_only_frac": text_only_frac}
+            "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds}
     (out / "eval").mkdir(parents=True, exist_ok=True)
     images = ImageWriter(out, image_size)
     stage2_types: Counter = Counter()
     # One generator per split, so e.g. the eval content does not depend on --n-stage1.
     stage1 = make_stage1(random.Random(f"{seed}-stage1"), n_stage1, images)
     stage2 = make_stage2(random.Random(f"{seed}-stage2"), n_stage2, text_only_frac, images,
-                         stage2_types)
+                         stage2_types, max_rounds)
     questions, answers = make_eval(random.Random(f"{seed}-eval"), n_eval, images)
 
     write_json(out / "stage1.json", stage1)
@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-stage2", type=int, default=3000)
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--text-only-frac", type=float, default=0.1)
+    parser.add_argument("--max-rounds", type=int, default=3, help="question/answer rounds per stage-2 sample: 1..N")
     kwargs = vars(parser.parse_args(argv))
     manifest = generate(kwargs.pop("out"), **kwargs)
     print(json.dumps(manifest["counts"], indent=1))

@@ -9,7 +9,7 @@ OUT=checkpoints/demo
 start=$(date +%s)
 
 echo "== 1/4 data: synthetic shapes images, captions, instructions, eval questions =="
-python -m data_prep.make_shapes --out "$DATA" --seed 0 --image-size 48
+python -m data_prep.make_shapes --out "$DATA" --seed 0 --image-size 48 --n-stage2 6000 --max-rounds 5
 python -m data_prep.make_tokenizer --corpus "$DATA/corpus.txt" --out "$DATA/tokenizer" --vocab-size 600
 
 echo "== 2/4 Stage 1: feature alignment (projector only, plain captions) =="

@@ -54,11 +54,12 @@ class BatchPlan:
                 batches += [idx[i:i + size] for i in range(0, full, size)]
                 leftovers += idx[full:]
             shuffle = torch.randperm(len(batches), generator=gen).tolist()
-            batches = [batches[i] for i in shuffle] + ([leftovers] if leftovers else [])
+            batches = [batches[i] for i in shuffle] + [leftovers[i:i + size] for i in range(0, len(leftovers), size)]
             batches = [sorted(b, key=lambda i: -self.lengths[i]) for b in batches]
         if len(batches[-1]) < size:  # fill the last batch from the start of the epoch's order
             fill = (order * (size // len(order) + 1))[: size - len(batches[-1])]
             batches[-1] = batches[-1] + fill
+        assert len(batches) == self.steps_per_epoch and all(len(b) == size for b in batches)
         return batches
 
     def micro_batches(self, global_batch: list[int]) -> list[list[int]]:
