@@ -69,7 +69,7 @@ def main() -> None:
     print(f"{'stage':<8} {'s/step':>8} {'tokens/s':>10} {'samples/s':>10} {'peak_mem_GB':>12}")
     for stage, train_llm in (("stage1", False), ("stage2", True)):
         model.set_trainable(True, train_llm)
-        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-5)
+        opt = torch.optim.AdamW(param_groups(model, 0.0, 1e-5), lr=1e-5)
         micro = [make_batch(args.micro, args.seq_text, args.vocab, size) for _ in range(args.accum)]
         times, tokens = [], 0
         for step in range(args.steps + 1):  # the first step is warm-up

@@ -48,6 +48,7 @@ class TrainConfig:
     global_batch_size: int = 256  # samples per optimizer step, over all ranks
     micro_batch_size: int = 16  # samples per forward pass per rank
     lr: float = 1e-3
+    projector_lr: float | None = None  # the projector's own learning rate (LLaVA's mm_projector_lr); None = lr
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_schedule: str = "cosine"  # "cosine" or "constant" (both after linear warmup)

@@ -28,7 +28,8 @@ class Answerer:
         self.device = torch.device(device)
         self.model, self.tokenizer, saved = LlavaModel.from_pretrained(model_dir, device=self.device)
         self.processor = ImageProcessor.from_saved(saved["image"])
-        self.template = get_template(template or saved.get("template") or saved["model"]["template"])
+        self.template = get_template(template or saved.get("template") or saved["model"]["template"],
+                                     saved["model"].get("system_prompt"))
         self.stop_ids = self._stop_token_ids()
         self.model_id = Path(model_dir).name
 

@@ -158,6 +158,9 @@ def test_saved_model_generates_deterministically_and_batching_does_not_change_an
     assert batched == single
     again = Answerer(tmp_path / "m", device="cpu").answer(questions, images, max_new_tokens=8)
     assert again == batched  # the saved directory alone determines the answers
+    sampled = [answerer.answer(questions, images, max_new_tokens=8, temperature=1.5, seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # sampling is reproducible for a seed
+    assert sampled[0] != batched or sampled[2] != batched  # and really samples
     # the loaded model has the same weights as the saved one
     for (name, a), b in zip(model.state_dict().items(), answerer.model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -321,3 +321,14 @@ def test_generation_prompt_is_training_prefix(request, template_name, tok_fixtur
     first_sup_of_last_reply = max(i for i in range(1, len(labels))
                                   if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX)
     assert ids[:first_sup_of_last_reply] == prompt_ids
+
+
+def test_system_prompt_override_is_used_in_training_and_generation_prompts():
+    """model.system_prompt replaces the template's default system prompt ("" removes it)."""
+    from llava_sft.data.templates import get_template as get
+
+    assert get("vicuna_v1", "").generation_prompt("Hi") == "USER: Hi ASSISTANT:"
+    assert get("vicuna_v1", "Be brief.").generation_prompt("Hi") == "Be brief. USER: Hi ASSISTANT:"
+    segments = get("vicuna_v1", "").render([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}], 0)
+    assert "".join(s.text for s in segments) == "USER: Hi ASSISTANT: Yo</s>"
+    assert get("vicuna_v1").system.startswith("A chat between")  # the default is untouched

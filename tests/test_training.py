@@ -35,7 +35,7 @@ def test_stage1_steps_change_only_the_projector(llama_tokenizer_dir, shapes_dir,
     report = model.set_trainable(cfg.train.train_projector, cfg.train.train_llm)
     assert report["vision_tower"][0] == 0 and report["llm"][0] == 0 and report["projector"][0] == report["projector"][1] > 0
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    opt = torch.optim.AdamW(param_groups(model, 0.1, 1e-2), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in range(3):
         _train_step(model, None, batches_of(dataset, list(range(step * 8, step * 8 + 8)), 4), opt, sched,

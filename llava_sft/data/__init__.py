@@ -1,0 +1,1 @@
+"""Data: chat templates, tokenization and masking, image preprocessing, datasets and batching."""

@@ -7,6 +7,7 @@ nothing in this module knows about tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -137,9 +138,11 @@ def list_templates() -> list[str]:
     return sorted(_load_all())
 
 
-def get_template(name: str) -> ChatTemplate:
+def get_template(name: str, system_prompt: str | None = None) -> ChatTemplate:
+    """The named template; `system_prompt` (if not None) replaces its default system prompt."""
     templates = _load_all()
     if name not in templates:
         raise KeyError(f"unknown chat template {name!r}; known: {', '.join(sorted(templates))}")
-    return templates[name]
+    template = templates[name]
+    return template if system_prompt is None else dataclasses.replace(template, system=system_prompt)
 

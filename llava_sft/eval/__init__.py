@@ -1,0 +1,1 @@
+"""Evaluation: the demo shapes benchmark (runner and scorer)."""

@@ -1,0 +1,1 @@
+"""Model parts: frozen vision towers, projectors, <image> splicing, the LLaVA model."""

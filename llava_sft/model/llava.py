@@ -46,6 +46,7 @@ class ModelConfig:
     tokenizer_use_fast: bool = False  # LLaVA uses the slow SentencePiece Llama tokenizer
     image_aspect: str = "pad"  # "pad" (LLaVA-1.5) or "square" (resize + centre crop, LLaVA v1)
     template: str = "vicuna_v1"  # chat template used at inference
+    system_prompt: str | None = None  # overrides the chat template's system prompt (training and inference)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

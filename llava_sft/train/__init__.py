@@ -1,0 +1,1 @@
+"""The training core (`python -m llava_sft.train CONFIG.yaml`)."""

@@ -78,13 +78,16 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on biases and norm weights), as HF Trainer / LLaVA."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, projector_lr: float | None = None) -> list[dict]:
+    """Weight decay on matrices only (not on biases and norm weights), as HF Trainer / LLaVA;
+    the projector may have its own learning rate (LLaVA's mm_projector_lr)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((name.startswith("projector."), p.ndim >= 2), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr": (projector_lr or lr) if is_projector else lr}
+            for (is_projector, decay), params in sorted(groups.items())]
 
 
 def all_reduce_sum(value: torch.Tensor, world: int) -> torch.Tensor:
@@ -107,7 +110,7 @@ def build(cfg: RunConfig, device: torch.device):
     if not tok_path:
         raise ValueError("model.tokenizer is required when the LLM is built from a config")
     tokenizer = load_tokenizer(tok_path, use_fast=cfg.model.tokenizer_use_fast)
-    template = get_template(cfg.data.template)  # unknown template: clear error before the model loads
+    template = get_template(cfg.data.template, cfg.model.system_prompt)  # unknown template: clear error now
     if cfg.model.llm.config is not None:
         cfg.model.llm.config.setdefault("vocab_size", len(tokenizer))
     model = LlavaModel(cfg.model)
@@ -147,7 +150,7 @@ def train(cfg: RunConfig) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
-    optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay), lr=t_cfg.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay, t_cfg.lr, t_cfg.projector_lr), lr=t_cfg.lr,
                                   betas=tuple(t_cfg.adam_betas), eps=t_cfg.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule))
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else None
