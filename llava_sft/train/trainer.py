@@ -150,6 +150,11 @@ def train(cfg: RunConfig) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
+    low_precision = {str(p.dtype) for p in trainable if p.dtype != torch.float32}
+    if low_precision:
+        log.warning("trainable parameters in %s: AdamW updates them directly, with no fp32 master copy "
+                    "(load the LLM with model.llm.dtype=float32 unless a mixed-precision engine keeps one)",
+                    ", ".join(sorted(low_precision)))
     optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay, t_cfg.lr, t_cfg.projector_lr), lr=t_cfg.lr,
                                   betas=tuple(t_cfg.adam_betas), eps=t_cfg.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule))
