@@ -93,6 +93,7 @@ class LlavaJsonDataset(Dataset):
         records = json.loads(Path(json_path).read_text())
         if not isinstance(records, list):
             raise ValueError(f"{json_path}: expected a JSON list of samples")
+        log.info("%s: checking %d records%s", json_path, len(records), " and their image files" if check_images else "")
         self.records = self._check_all(records, check_images)
         log.info("%s: %d samples (%d with images), %d rejected at start-up", json_path, len(self.records),
                  sum(bool(image_list(r)) for r in self.records), len(self.report.skipped))
