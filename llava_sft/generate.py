@@ -7,6 +7,7 @@ Prints the answer as the last line. Greedy by default; `--temperature > 0` sampl
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import get_template
 from llava_sft.data.tokenize import tokenize_prompt
 from llava_sft.model.llava import LlavaModel
+
+log = logging.getLogger(__name__)
 
 
 class Answerer:
@@ -39,6 +42,9 @@ class Answerer:
             token = self.tokenizer.convert_tokens_to_ids(text)
             if token is not None and token != self.tokenizer.unk_token_id:
                 ids.add(token)
+            else:  # not a single token: generation stops only at EOS or max_new_tokens
+                log.warning("stop string %r of template %r is not one token of this tokenizer; stopping at EOS only",
+                            text, self.template.name)
         return sorted(i for i in ids if i is not None)
 
     def prompt_for(self, question: str, with_image: bool = True) -> str:
