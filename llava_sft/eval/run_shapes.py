@@ -3,7 +3,7 @@
     python -m llava_sft.eval.run_shapes --model checkpoints/demo/stage2 --data data/demo --out checkpoints/demo/eval
 
 Writes `answers.jsonl` / `answers_blind.jsonl` (LLaVA answer rows: question_id, prompt, text,
-model_id, metadata) and `metrics.json`:
+model_id, metadata), `shapes.json` (the score file `python -m llava_sft.eval.report` reads) and `metrics.json`:
     {"overall": {"accuracy", "accuracy_blind"}, "by_type": {TYPE: {"accuracy", "accuracy_blind"}}}
 "Blind" asks the same questions with the image replaced by a blank canvas: the gap between the
 two shows how much the model really uses the image.
@@ -14,39 +14,24 @@ import argparse
 import json
 from pathlib import Path
 
-from PIL import Image
-from tqdm import tqdm
-
-from llava_sft.eval.shapes import load_jsonl, score_shapes
+from llava_sft.eval.run_vqa import answer_items, load_vqa
+from llava_sft.eval.score import score_shapes_file
 from llava_sft.generate import Answerer
 
 
-def answer_all(answerer: Answerer, questions: list[dict], image_dir: Path, blank: Image.Image | None,
-               batch_size: int, max_new_tokens: int, desc: str) -> list[dict]:
-    rows = []
-    for start in tqdm(range(0, len(questions), batch_size), desc=desc):
-        chunk = questions[start:start + batch_size]
-        images = [blank if blank is not None else Image.open(image_dir / q["image"]).convert("RGB") for q in chunk]
-        texts = answerer.answer([q["text"] for q in chunk], images, max_new_tokens=max_new_tokens)
-        for q, text in zip(chunk, texts):
-            rows.append({"question_id": q["question_id"], "prompt": q["text"], "text": text,
-                         "model_id": answerer.model_id, "metadata": {"category": q.get("category"), "blind": blank is not None}})
-    return rows
-
-
 def evaluate(model_dir: str, data_dir: str, out_dir: str, batch_size: int = 32, max_new_tokens: int = 16) -> dict:
+    """The demo's `shapes` benchmark through the same runner (run_vqa) and scorer (score shapes) as the others."""
     data, out = Path(data_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    questions = load_jsonl(data / "eval" / "questions.jsonl")
-    answers = load_jsonl(data / "eval" / "answers.jsonl")
+    items = load_vqa(data / "eval" / "questions.jsonl", data / "images")
+    blank = data / "eval" / "blank.png"
     answerer = Answerer(model_dir)
-    blank = Image.open(data / "eval" / "blank.png").convert("RGB")
     results = {}
-    for name, blank_image in (("accuracy", None), ("accuracy_blind", blank)):
-        rows = answer_all(answerer, questions, data / "images", blank_image, batch_size, max_new_tokens, name)
-        file = out / ("answers.jsonl" if blank_image is None else "answers_blind.jsonl")
-        file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        results[name] = score_shapes({r["question_id"]: r["text"] for r in rows}, answers)
+    for name, file, run_items in (("accuracy", "answers.jsonl", items),
+                                  ("accuracy_blind", "answers_blind.jsonl", [dict(it, image=blank) for it in items])):
+        (out / file).unlink(missing_ok=True)  # a fresh evaluation, not a continuation of an older model's
+        answer_items(answerer, run_items, out / file, batch_size, max_new_tokens)
+        results[name] = score_shapes_file(out / file, data / "eval" / "answers.jsonl")
     metrics = {
         "overall": {k: round(v["accuracy"], 4) for k, v in results.items()},
         "by_type": {t: {k: round(results[k]["by_type"][t]["accuracy"], 4) for k in results}
@@ -54,6 +39,7 @@ def evaluate(model_dir: str, data_dir: str, out_dir: str, batch_size: int = 32, 
         "n": results["accuracy"]["n"],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "shapes.json").write_text(json.dumps({**results["accuracy"], "blind": results["accuracy_blind"]}, indent=2))
     return metrics
 
 

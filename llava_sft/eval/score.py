@@ -221,6 +221,18 @@ def _table_mm_vet(r: dict) -> None:
     print_table("MM-Vet", ("", "value", f"{dp} dp"), rows)
 
 
+def score_shapes_file(answers: Path, annotations: Path) -> dict:
+    from llava_sft.eval.shapes import load_jsonl, score_shapes
+
+    result = score_shapes({r["question_id"]: r["text"] for r in load_jsonl(answers)}, load_jsonl(annotations))
+    return {**result, "headline": 100 * result["accuracy"], "headline_metric": "accuracy (%)"}
+
+
+def _table_shapes(r: dict) -> None:
+    rows = [(t, v["n"], round(100 * v["accuracy"], 2)) for t, v in r["by_type"].items()]
+    print_table("shapes (demo)", ("type", "n", "accuracy"), rows + [("overall", r["n"], round(r["headline"], 2))])
+
+
 # ============================================================================ CLI
 def _add_common(p: argparse.ArgumentParser, answers_help: str, annotations_help: str | None,
                 annotations_required: bool = False, several: bool = False) -> None:
@@ -253,7 +265,10 @@ def _configure_core(sub) -> dict:
     p.add_argument("--model-answers", type=Path, default=None, help="LLaVA answer JSONL to convert for the evaluator")
     p.add_argument("--submission", type=Path, default=None, help="where to write the converted results JSON")
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    p = sub.add_parser("shapes", help="the embedded demo's shapes questions (llava_sft.eval.shapes)")
+    _add_common(p, "LLaVA answer file (JSONL)", "eval/answers.jsonl written by data_prep.make_shapes", True)
     return {
+        "shapes": (lambda a: score_shapes_file(a.answers, a.annotations), _table_shapes),
         "pope": (lambda a: score_pope(a.answers, a.questions, a.annotations), _table_pope),
         "scienceqa": (lambda a: score_scienceqa(a.answers, a.annotations, a.split), _table_scienceqa),
         "mme": (lambda a: score_mme(a.answers, a.annotations, a.submission), _table_mme),
