@@ -60,6 +60,9 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # "auto", "cpu", "cuda"
     save_every: int = 0  # periodic checkpoint every N optimizer steps (0 = only at the end)
+    # "auto": continue from the latest complete checkpoint in output_dir/checkpoints (if any);
+    # "never": start from scratch (old checkpoints in output_dir are deleted); or a step_N directory.
+    resume: str = "auto"
     keep_last: int = 2  # periodic checkpoints kept
     log_every: int = 1
     tensorboard: bool = False

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -132,14 +133,26 @@ def train(cfg: RunConfig) -> Path:
     rank, world, device = setup_distributed(cfg.train.device)
     is_main = rank == 0
     run_dir = Path(cfg.train.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if cfg.train.resume == "auto" and (run_dir / "report.json").is_file():
+        _setup_logging(None)
+        log.warning("%s already holds a finished run (report.json): nothing to do. Use train.resume=never to "
+                    "train it again from scratch, or another train.output_dir.", run_dir)
+        return run_dir
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.resume == "never":
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            (run_dir / "report.json").unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    if world > 1:
+        dist.barrier()
     _setup_logging(run_dir if is_main else None)
     seed_everything(cfg.train.seed)
     t_cfg = cfg.train
 
     model, tokenizer, dataset = build(cfg, device)
+    n_startup_skips = len(dataset.report.skipped)  # the same on every rank; runtime skips come after
     log_trainable(model.set_trainable(t_cfg.train_projector, t_cfg.train_llm))
     if t_cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -160,11 +173,14 @@ def train(cfg: RunConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule))
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else None
 
-    step = _maybe_resume(run_dir / "checkpoints", model, optimizer, scheduler)
+    resume_from = _resume_point(t_cfg.resume, ckpt_root)
+    step = 0
+    if resume_from is not None:
+        step = _restore(resume_from, model, optimizer, scheduler, dataset, n_startup_skips, plan, cfg, rank)
     log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d accumulation x %d micro",
              len(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
              plan.accumulation_steps, t_cfg.micro_batch_size)
-    metrics = MetricsLogger(run_dir, is_main, t_cfg.tensorboard, t_cfg.wandb_project, cfg.run_name, to_dict(cfg), append=step > 0)
+    metrics = MetricsLogger(run_dir, is_main, t_cfg.tensorboard, t_cfg.wandb_project, cfg.run_name, to_dict(cfg), resume_step=step)
     collate = Collator(tokenizer.pad_token_id)
     use_autocast = device.type == "cuda" and t_cfg.bf16
     flops_per_token = _flops_per_token(model, t_cfg.train_llm)
@@ -191,10 +207,12 @@ def train(cfg: RunConfig) -> Path:
             metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
-        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps and is_main:
-            _save_periodic(run_dir, step, plan, model, optimizer, scheduler, cfg)
+        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps:
+            _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, dataset, n_startup_skips,
+                           rank, world)
     bar.close()
     metrics.close()
+    _gather_skip_reports(dataset, n_startup_skips, world)
     if is_main:
         _save_final(run_dir, model, tokenizer, cfg, dataset, plan, total_steps)
     if world > 1:
@@ -209,6 +227,10 @@ def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_
     into micro-batches and ranks.
     """
     micro = [b for b in micro if "input_ids" in b]
+    if not micro and ddp is not None:
+        # every sample of this rank's micro-batches was skipped: still join the gradient all-reduce
+        # (with zero loss), or the other ranks would wait for this one forever
+        micro = [_no_op_batch()]
     n_local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro)
     stats = all_reduce_sum(torch.tensor([float(n_local), float(sum(len(b["ids"]) for b in micro))]), world)
     n_global = max(stats[0].item(), 1.0)
@@ -222,9 +244,15 @@ def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_
                                      batch["images"].to(device), batch["labels"].to(device))
             (loss_sum * (world / n_global)).backward()  # DDP averages over ranks: x world restores the global sum
         loss_total += loss_sum.detach()
-        tokens += int(batch["attention_mask"].sum()) + int(batch["images"].shape[0]) * (model.tokens_per_image - 1)
+        tokens += int(batch["attention_mask"].sum()) * bool(batch["ids"]) + int(batch["images"].shape[0]) * (model.tokens_per_image - 1)
     loss = all_reduce_sum(loss_total, world).item() / n_global
     return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens * world, "samples": int(stats[1].item())}
+
+
+def _no_op_batch() -> dict:
+    """One text token with no supervised label: a forward/backward that contributes exactly zero."""
+    return {"input_ids": torch.zeros(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+            "labels": torch.full((1, 1), IGNORE_INDEX), "images": torch.zeros(0, 3, 1, 1), "ids": []}
 
 
 def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, report) -> dict:
@@ -261,31 +289,83 @@ def _flops_per_token(model: LlavaModel, train_llm: bool) -> float:
     return (6 if train_llm else 4) * n_llm
 
 
-def _maybe_resume(ckpt_root: Path, model, optimizer, scheduler) -> int:
-    found = ckpt.list_checkpoints(ckpt_root)
-    if not found:
-        return 0
-    state = ckpt.load_checkpoint(found[-1])
-    named = dict(model.named_parameters())
+def _resume_point(resume: str, ckpt_root: Path) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = ckpt.list_checkpoints(ckpt_root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "DONE").is_file():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint directory (step_N with DONE); "
+                                f"use 'auto', 'never' or a path to one")
+    return path
+
+
+# Changing these between a checkpoint and its continuation would silently change the data order.
+RESUME_MUST_MATCH = ("data.path", "train.global_batch_size", "train.seed", "data.group_by_modality")
+
+
+def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: int, plan, cfg, rank: int) -> int:
+    """Load a periodic checkpoint for an exact continuation; returns its step."""
+    state, mine = ckpt.load_checkpoint(path, rank)
+    saved, now = state["config"], to_dict(cfg)
+    for key in RESUME_MUST_MATCH:
+        section, name = key.split(".")
+        if saved.get(section, {}).get(name) != now[section][name]:
+            raise ValueError(f"cannot resume from {path}: {key} was {saved.get(section, {}).get(name)!r} and is now "
+                             f"{now[section][name]!r} (use train.resume=never to start again)")
+    expected = state["data_position"].get("steps_per_epoch")
+    if expected is not None and expected != plan.steps_per_epoch:
+        raise ValueError(f"cannot resume from {path}: the data gave {expected} steps per epoch then and "
+                         f"{plan.steps_per_epoch} now (the dataset changed)")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(named) != set(state["trainable"]):
+        missing, extra = sorted(set(named) - set(state["trainable"])), sorted(set(state["trainable"]) - set(named))
+        raise ValueError(f"cannot resume from {path}: trainable parameters differ (not in checkpoint: {missing[:5]}, "
+                         f"not trainable now: {extra[:5]})")
     for name, tensor in state["trainable"].items():
         named[name].data.copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
-    log.info("resumed from %s at step %d", found[-1], state["step"])
+    ckpt.set_rng_state(mine["rng"])
+    report = mine.get("report", {})
+    del dataset.report.skipped[n_startup_skips:]
+    dataset.report.skipped.extend(tuple(x) for x in report.get("skipped", []))
+    dataset.report.truncated = report.get("truncated", 0)
+    log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", path, state["step"],
+             state["data_position"]["epoch"], state["data_position"]["step_in_epoch"])
     return state["step"]
 
 
-def _save_periodic(run_dir, step, plan, model, optimizer, scheduler, cfg) -> None:
+def _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, dataset, n_startup_skips, rank, world) -> None:
     epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-    payload = {
-        "step": step, "data_position": {"epoch": epoch, "step_in_epoch": in_epoch},
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-        "config": to_dict(cfg),
-    }
-    path = ckpt.save_checkpoint(run_dir / "checkpoints", step, payload, cfg.train.keep_last)
-    log.info("saved checkpoint %s", path)
+    payload = None
+    if rank == 0:
+        payload = {
+            "step": step, "world_size": world,
+            "data_position": {"epoch": epoch, "step_in_epoch": in_epoch, "steps_per_epoch": plan.steps_per_epoch},
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "config": to_dict(cfg),
+        }
+    mine = {"rng": ckpt.rng_state(),
+            "report": {"skipped": dataset.report.skipped[n_startup_skips:], "truncated": dataset.report.truncated}}
+    path = ckpt.save_checkpoint(ckpt_root, step, payload, cfg.train.keep_last, mine, rank, world)
+    if rank == 0:
+        log.info("saved checkpoint %s", path)
+
+
+def _gather_skip_reports(dataset, n_startup_skips: int, world: int) -> None:
+    """Rank 0's report gets every rank's runtime skips and truncations (start-up rejections are the same on all)."""
+    if world == 1:
+        return
+    mine = (dataset.report.skipped[n_startup_skips:], dataset.report.truncated)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    del dataset.report.skipped[n_startup_skips:]
+    for skipped, _ in gathered:
+        dataset.report.skipped.extend(skipped)
+    dataset.report.truncated = sum(t for _, t in gathered)
 
 
 def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dataset, plan, total_steps) -> None:
@@ -299,7 +379,6 @@ def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dat
         "repeated_to_fill_last_batch_per_epoch": plan.repeated_per_epoch(),
         "rejected_or_skipped": dataset.report.counts(), "truncated": dataset.report.truncated,
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     if dataset.report.skipped:
         with (run_dir / "skipped.jsonl").open("w") as f:
             for sample_id, reason in dataset.report.skipped:
@@ -307,6 +386,7 @@ def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dat
         log.warning("%d sample(s) skipped: %s (listed in %s)", len(dataset.report.skipped),
                     report["rejected_or_skipped"], run_dir / "skipped.jsonl")
     plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))  # last: marks the run as finished
     log.info("saved %s to %s", "model" if cfg.train.save_full_model else "projector", run_dir)
 
 
