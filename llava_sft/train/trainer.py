@@ -115,6 +115,8 @@ def build(cfg: RunConfig, device: torch.device):
     if cfg.model.llm.config is not None:
         cfg.model.llm.config.setdefault("vocab_size", len(tokenizer))
     model = LlavaModel(cfg.model)
+    if cfg.model.lora is not None:
+        model.add_lora(cfg.train.gradient_checkpointing)
     vocab = model.llm.get_input_embeddings().weight.shape[0]
     if vocab < len(tokenizer):
         raise ValueError(f"the LLM has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens")
@@ -126,7 +128,7 @@ def build(cfg: RunConfig, device: torch.device):
         cfg.data.path, cfg.data.image_folder, tokenizer, template, processor, model.tokens_per_image,
         cfg.data.max_length, cfg.data.overlong, cfg.data.bad_samples, cfg.data.check_images_at_start,
     )
-    return model.to(device), tokenizer, dataset
+    return model.to_device(device), tokenizer, dataset
 
 
 def train(cfg: RunConfig) -> Path:

@@ -1,0 +1,57 @@
+"""The shipped recipes say what the papers say (LLaVA-1.5 Table/scripts, LLaVA v1), and every config loads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llava_sft.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.train.output_dir and cfg.data.path
+
+
+def test_llava_v1_5_recipes():
+    s1 = load_config(CONFIGS / "llava_v1_5" / "stage1_pretrain_7b.yaml")
+    assert s1.data.path.endswith("blip_laion_cc_sbu_558k.json") and s1.data.template == "plain"
+    assert (s1.train.train_projector, s1.train.train_llm) == (True, False)
+    assert (s1.train.global_batch_size, s1.train.lr, s1.train.epochs) == (256, 1e-3, 1.0)
+    assert (s1.train.warmup_ratio, s1.train.lr_schedule, s1.train.weight_decay) == (0.03, "cosine", 0.0)
+    assert s1.data.max_length == 2048 and s1.model.vision.model == "ViT-L-14-336"
+    assert (s1.model.vision.pretrained, s1.model.vision.quick_gelu, s1.model.vision.select_layer) == ("openai", True, -2)
+    assert s1.model.projector == "mlp2x_gelu"
+
+    s2 = load_config(CONFIGS / "llava_v1_5" / "stage2_finetune_7b.yaml")
+    assert s2.data.path.endswith("llava_v1_5_mix665k.json") and s2.data.template == "vicuna_v1"
+    assert (s2.train.train_projector, s2.train.train_llm) == (True, True)
+    assert (s2.train.global_batch_size, s2.train.lr, s2.train.epochs) == (128, 2e-5, 1.0)
+    assert s2.model.image_aspect == "pad" and s2.data.group_by_modality
+    assert s2.train.pretrained_projector == s1.train.output_dir  # Stage 2 picks up Stage 1's projector
+    assert s2.model.lora is None
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_llava_v1_5_lora_recipes(kind):
+    full = load_config(CONFIGS / "llava_v1_5" / "stage2_finetune_7b.yaml")
+    cfg = load_config(CONFIGS / "llava_v1_5" / f"stage2_finetune_7b_{kind}.yaml")
+    lora = cfg.model.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (128, 256, 0.05, None)
+    assert lora.quantize == ("nf4" if kind == "qlora" else None)
+    assert (cfg.train.lr, cfg.train.projector_lr) == (2e-4, 2e-5)
+    assert cfg.train.output_dir != full.train.output_dir
+    assert (cfg.data.path, cfg.train.global_batch_size, cfg.train.epochs) == (
+        full.data.path, full.train.global_batch_size, full.train.epochs)
+
+
+def test_llava_v1_recipes():
+    s1 = load_config(CONFIGS / "llava_v1" / "stage1_cc3m.yaml")
+    assert s1.data.template == "plain" and s1.model.vision.model == "ViT-L-14" and s1.model.projector == "linear"
+    assert (s1.train.global_batch_size, s1.train.lr) == (128, 2e-3)
+    s2 = load_config(CONFIGS / "llava_v1" / "stage2_instruct158k.yaml")
+    assert s2.data.path.endswith("llava_instruct_150k.json") and s2.data.template == "vicuna_v1"
+    assert (s2.train.global_batch_size, s2.train.lr, s2.train.epochs) == (32, 2e-5, 3.0)
