@@ -55,3 +55,29 @@ def test_llava_v1_recipes():
     s2 = load_config(CONFIGS / "llava_v1" / "stage2_instruct158k.yaml")
     assert s2.data.path.endswith("llava_instruct_150k.json") and s2.data.template == "vicuna_v1"
     assert (s2.train.global_batch_size, s2.train.lr, s2.train.epochs) == (32, 2e-5, 3.0)
+
+
+def test_deepspeed_engines_of_the_recipes():
+    """Stage 1 under ZeRO-2, full and LoRA Stage 2 under ZeRO-3 (as LLaVA's scripts), QLoRA on plain DDP; the
+    shipped DeepSpeed JSONs resolve for 8 GPUs to the recipe's batch, clipping and bf16, with our optimizer."""
+    from llava_sft.train.engine import resolve_config, zero_stage
+
+    expected = {"llava_v1_5/stage1_pretrain_7b.yaml": 2, "llava_v1_5/stage2_finetune_7b.yaml": 3,
+                "llava_v1_5/stage2_finetune_7b_lora.yaml": 3, "llava_v1_5/stage2_finetune_7b_qlora.yaml": None,
+                "llava_v1/stage1_cc3m.yaml": 2, "llava_v1/stage2_instruct158k.yaml": 3}
+    for name, stage in expected.items():
+        t = load_config(CONFIGS / name).train
+        if stage is None:
+            assert t.deepspeed is None, name
+            continue
+        ds = resolve_config(t.deepspeed, t, world=8, cuda=True)
+        assert zero_stage(ds) == stage, name
+        assert "optimizer" not in ds and "scheduler" not in ds
+        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (t.global_batch_size, t.micro_batch_size)
+        assert ds["gradient_accumulation_steps"] * 8 * t.micro_batch_size == t.global_batch_size
+        assert ds["gradient_clipping"] == t.grad_clip == 1.0 and ds["bf16"]["enabled"] is True
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
+        raw = (CONFIGS / "deepspeed" / name).read_text()
+        assert '"optimizer"' not in raw and '"scheduler"' not in raw
+        if name.startswith("zero3"):
+            assert '"stage3_gather_16bit_weights_on_model_save": true' in raw

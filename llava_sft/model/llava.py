@@ -107,7 +107,14 @@ class LlavaModel(nn.Module):
 
     @property
     def llm_hidden_size(self) -> int:
-        return self.llm.get_input_embeddings().weight.shape[1]
+        # from the module's attributes, never from a weight's shape (partitioned to nothing under ZeRO-3)
+        emb = self.llm.get_input_embeddings()
+        return int(getattr(emb, "embedding_dim", None) or self.llm.config.hidden_size)
+
+    @property
+    def llm_vocab_size(self) -> int:
+        emb = self.llm.get_input_embeddings()
+        return int(getattr(emb, "num_embeddings", None) or self.llm.config.vocab_size)
 
     @property
     def tokens_per_image(self) -> int:
@@ -136,8 +143,11 @@ class LlavaModel(nn.Module):
         targets = batch.labels[:, 1:]
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         if features_unused(images) and any(p.requires_grad for p in self.projector.parameters()):
-            # keep the projector in the autograd graph on text-only batches (DDP/ZeRO expect every grad)
-            loss_sum = loss_sum + sum(p.sum() for p in self.projector.parameters()) * 0.0
+            # keep the projector in the autograd graph on text-only batches (DDP/ZeRO expect every grad): run it
+            # on zero images, so that its parameters are also gathered on every rank under ZeRO-3 (zero gradients)
+            empty = torch.zeros(0, self.tokens_per_image, self.vision_tower.hidden_size, device=input_ids.device,
+                                dtype=next(self.projector.parameters()).dtype)
+            loss_sum = loss_sum + self.projector(empty).sum() * 0.0
         return loss_sum, targets.ne(IGNORE_INDEX).sum()
 
     @torch.no_grad()
@@ -160,27 +170,36 @@ class LlavaModel(nn.Module):
         report = {}
         for name, module in (("vision_tower", self.vision_tower), ("projector", self.projector), ("llm", self.llm)):
             params = list(module.parameters())
-            report[name] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+            report[name] = (sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params))
         return report
 
     # ------------------------------------------------------------- save / load
-    def save_projector(self, out_dir: str | Path, extra: dict | None = None) -> None:
+    def save_projector(self, out_dir: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+        """`state_dict`: the whole model's weights when the modules' own are partitioned (ZeRO-3, gathered)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+        state = _sub_state(state_dict, "projector.") if state_dict is not None else self.projector.state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, out_dir / PROJECTOR_FILE, metadata={"projector": self.cfg.projector})
         self._write_config(out_dir, extra)
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer, extra: dict | None = None) -> None:
-        """A self-contained model directory that `LlavaModel.from_pretrained` and `generate` load."""
+    def save_pretrained(self, out_dir: str | Path, tokenizer, extra: dict | None = None,
+                        state_dict: dict | None = None) -> None:
+        """A self-contained model directory that `LlavaModel.from_pretrained` and `generate` load.
+
+        `state_dict`: the whole model's weights (e.g. gathered from ZeRO-3 partitions) instead of the modules' own."""
         out_dir = Path(out_dir)
-        self.save_projector(out_dir, extra)
+        self.save_projector(out_dir, extra, state_dict)
         if self.cfg.vision.model_config_file:  # a custom open_clip architecture travels with the model
             arch_dir = out_dir / "vision_arch"
             arch_dir.mkdir(exist_ok=True)
             shutil.copy(self.cfg.vision.model_config_file, arch_dir / f"{self.cfg.vision.model}.json")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.vision_tower.state_dict().items()}, out_dir / VISION_FILE)
-        self.llm.save_pretrained(out_dir / LLM_DIR, safe_serialization=True)
+        vision = _sub_state(state_dict, "vision_tower.") if state_dict is not None else self.vision_tower.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in vision.items()}, out_dir / VISION_FILE)
+        if state_dict is None:
+            self.llm.save_pretrained(out_dir / LLM_DIR, safe_serialization=True)
+        else:
+            self.llm.save_pretrained(out_dir / LLM_DIR, state_dict=_sub_state(state_dict, "llm."), safe_serialization=True)
         tokenizer.save_pretrained(out_dir / LLM_DIR)
 
     def _write_config(self, out_dir: Path, extra: dict | None) -> None:
@@ -261,6 +280,15 @@ class LlavaModel(nn.Module):
         self.vision_tower.to(device)
         self.projector.to(device)
         return self
+
+
+def _sub_state(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def numel(p: torch.Tensor) -> int:
+    """Number of elements, also of a parameter partitioned by ZeRO-3 (whose local tensor is empty)."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def features_unused(images) -> bool:

@@ -6,6 +6,11 @@
     step_N/rank{r}.pt    per rank: {"rng": {...}, "report": {"skipped": [...], "truncated": n}}
     step_N/DONE
 
+Under DeepSpeed (train.deepspeed) `state.pt` holds {"engine": "deepspeed", "zero_stage", "trainable_names"}
+instead of the weights, optimizer and scheduler, which are the engine's own checkpoint files written by every
+rank into `step_N/deepspeed/` (engine.save_checkpoint / load_checkpoint) - inside the same temporary directory,
+so the atomic rename, DONE and keep_last hold as they are.
+
 `trainable` holds only parameters that train (the projector in Stage 1), so Stage-1 checkpoints
 are small and resumable. Every rank saves its own RNG state and skip report. A checkpoint
 directory is complete once `DONE` exists inside it; it is written under a temporary name and
@@ -46,8 +51,11 @@ def _barrier(world: int) -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, payload: dict | None, keep_last: int,
-                    rank_state: dict | None = None, rank: int = 0, world: int = 1) -> Path:
-    """Collective under DDP: every rank calls it; rank 0 passes `payload`, each rank its `rank_state`."""
+                    rank_state: dict | None = None, rank: int = 0, world: int = 1, write_collective=None) -> Path:
+    """Collective under DDP: every rank calls it; rank 0 passes `payload`, each rank its `rank_state`.
+
+    `write_collective(tmp_dir)`, if given, is called on every rank before the checkpoint is completed
+    (DeepSpeed's sharded engine state)."""
     root = Path(root)
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     if rank == 0:
@@ -56,6 +64,8 @@ def save_checkpoint(root: str | Path, step: int, payload: dict | None, keep_last
         tmp.mkdir()
     _barrier(world)
     torch.save(rank_state or {}, tmp / f"rank{rank}.pt")
+    if write_collective is not None:
+        write_collective(tmp)
     _barrier(world)
     if rank == 0:
         torch.save(payload, tmp / "state.pt")
