@@ -59,7 +59,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     device: str = "auto"  # "auto", "cpu", "cuda"
+    # DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json): ZeRO-2/3 as the distributed
+    # engine, launched with torchrun like DDP; null = plain DDP / single process. See train/engine.py.
+    deepspeed: str | None = None
     save_every: int = 0  # periodic checkpoint every N optimizer steps (0 = only at the end)
+    # "auto": continue from the latest complete checkpoint in output_dir/checkpoints (if any);
+    # "never": start from scratch (old checkpoints in output_dir are deleted); or a step_N directory.
+    resume: str = "auto"
     keep_last: int = 2  # periodic checkpoints kept
     log_every: int = 1
     tensorboard: bool = False

@@ -2,6 +2,9 @@
 # Single node: all local GPUs. Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT on every node.
 # The global batch size in the config is kept constant: the trainer derives the gradient-accumulation
 # steps as global_batch_size / (world_size x micro_batch_size).
+# DeepSpeed (train.deepspeed in the config) is launched the same way: the trainer calls
+# deepspeed.init_distributed, which reads RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by
+# torchrun (a lone process without torchrun gets a one-rank group). No `deepspeed` launcher needed.
 launch() {
   local config=$1; shift
   if [[ -z "${GPUS_PER_NODE:-}" ]]; then

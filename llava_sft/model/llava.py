@@ -4,7 +4,8 @@ A saved model directory (what Stage 2 writes and `generate` loads) holds:
     llava_config.json       model config + image preprocessing + chat template (everything inference needs)
     projector.safetensors   projector weights
     vision_tower.safetensors  the (frozen) vision tower weights, so the directory is self-contained
-    llm/                    the causal LM and its tokenizer (Hugging Face `save_pretrained`)
+    llm/                    the causal LM and its tokenizer (Hugging Face `save_pretrained`); after a LoRA
+                            run only the adapter + tokenizer, the base LLM being `model.llm.path` (see lora.py)
 A Stage-1 checkpoint holds `llava_config.json` + `projector.safetensors` only.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llava_sft.constants import IGNORE_INDEX
+from llava_sft.model.lora import LoraSettings, attach_lora, is_adapter_param, is_lora, load_lora, quantization_config
 from llava_sft.model.projector import build_projector
 from llava_sft.model.splice import splice_images
 from llava_sft.model.vision import VisionConfig, build_vision_tower
@@ -47,15 +49,22 @@ class ModelConfig:
     image_aspect: str = "pad"  # "pad" (LLaVA-1.5) or "square" (resize + centre crop, LLaVA v1)
     template: str = "vicuna_v1"  # chat template used at inference
     system_prompt: str | None = None  # overrides the chat template's system prompt (training and inference)
+    lora: LoraSettings | None = None  # LoRA / QLoRA adapters on the LLM (see model/lora.py); None = full weights
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_llm(cfg: LLMConfig) -> nn.Module:
+def build_llm(cfg: LLMConfig, quantization=None) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = DTYPES[cfg.dtype]
+    if quantization is not None:  # QLoRA: 4-bit base weights, placed on this process's device at load time
+        if not cfg.path:
+            raise ValueError("a quantized (QLoRA) LLM must be loaded from model.llm.path")
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                    quantization_config=quantization, device_map={"": device})
     if cfg.path:
         return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     if cfg.config:
@@ -80,13 +89,32 @@ class LlavaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = vision if vision is not None else build_vision_tower(cfg.vision)
-        self.llm = llm if llm is not None else build_llm(cfg.llm)
+        self.llm = llm if llm is not None else build_llm(cfg.llm, quantization_config(cfg.lora, torch.bfloat16))
         self.llm.config.use_cache = False
         self.projector = build_projector(cfg.projector, self.vision_tower.hidden_size, self.llm_hidden_size)
 
+    def add_lora(self, gradient_checkpointing: bool = False) -> None:
+        """Fresh LoRA adapters on the LLM, as `cfg.lora` says (the base LLM must come from a path)."""
+        if self.cfg.lora is None:
+            raise ValueError("model.lora is not set")
+        if not self.cfg.llm.path:
+            raise ValueError("LoRA adapts a pretrained LLM: set model.llm.path (a model directory), not model.llm.config")
+        self.llm = attach_lora(self.llm, self.cfg.lora, gradient_checkpointing)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(getattr(self.llm, "is_loaded_in_4bit", False))
+
     @property
     def llm_hidden_size(self) -> int:
-        return self.llm.get_input_embeddings().weight.shape[1]
+        # from the module's attributes, never from a weight's shape (partitioned to nothing under ZeRO-3)
+        emb = self.llm.get_input_embeddings()
+        return int(getattr(emb, "embedding_dim", None) or self.llm.config.hidden_size)
+
+    @property
+    def llm_vocab_size(self) -> int:
+        emb = self.llm.get_input_embeddings()
+        return int(getattr(emb, "num_embeddings", None) or self.llm.config.vocab_size)
 
     @property
     def tokens_per_image(self) -> int:
@@ -115,8 +143,11 @@ class LlavaModel(nn.Module):
         targets = batch.labels[:, 1:]
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         if features_unused(images) and any(p.requires_grad for p in self.projector.parameters()):
-            # keep the projector in the autograd graph on text-only batches (DDP/ZeRO expect every grad)
-            loss_sum = loss_sum + sum(p.sum() for p in self.projector.parameters()) * 0.0
+            # keep the projector in the autograd graph on text-only batches (DDP/ZeRO expect every grad): run it
+            # on zero images, so that its parameters are also gathered on every rank under ZeRO-3 (zero gradients)
+            empty = torch.zeros(0, self.tokens_per_image, self.vision_tower.hidden_size, device=input_ids.device,
+                                dtype=next(self.projector.parameters()).dtype)
+            loss_sum = loss_sum + self.projector(empty).sum() * 0.0
         return loss_sum, targets.ne(IGNORE_INDEX).sum()
 
     @torch.no_grad()
@@ -131,31 +162,44 @@ class LlavaModel(nn.Module):
         """Freeze/unfreeze modules (the vision tower is always frozen); returns {module: (trainable, total)}."""
         self.vision_tower.requires_grad_(False)
         self.projector.requires_grad_(train_projector)
-        self.llm.requires_grad_(train_llm)
+        if is_lora(self.llm):  # the base LLM stays frozen; "training the LLM" trains its adapters
+            for name, param in self.llm.named_parameters():
+                param.requires_grad_(train_llm and is_adapter_param(name))
+        else:
+            self.llm.requires_grad_(train_llm)
         report = {}
         for name, module in (("vision_tower", self.vision_tower), ("projector", self.projector), ("llm", self.llm)):
             params = list(module.parameters())
-            report[name] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+            report[name] = (sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params))
         return report
 
     # ------------------------------------------------------------- save / load
-    def save_projector(self, out_dir: str | Path, extra: dict | None = None) -> None:
+    def save_projector(self, out_dir: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
+        """`state_dict`: the whole model's weights when the modules' own are partitioned (ZeRO-3, gathered)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+        state = _sub_state(state_dict, "projector.") if state_dict is not None else self.projector.state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, out_dir / PROJECTOR_FILE, metadata={"projector": self.cfg.projector})
         self._write_config(out_dir, extra)
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer, extra: dict | None = None) -> None:
-        """A self-contained model directory that `LlavaModel.from_pretrained` and `generate` load."""
+    def save_pretrained(self, out_dir: str | Path, tokenizer, extra: dict | None = None,
+                        state_dict: dict | None = None) -> None:
+        """A self-contained model directory that `LlavaModel.from_pretrained` and `generate` load.
+
+        `state_dict`: the whole model's weights (e.g. gathered from ZeRO-3 partitions) instead of the modules' own."""
         out_dir = Path(out_dir)
-        self.save_projector(out_dir, extra)
+        self.save_projector(out_dir, extra, state_dict)
         if self.cfg.vision.model_config_file:  # a custom open_clip architecture travels with the model
             arch_dir = out_dir / "vision_arch"
             arch_dir.mkdir(exist_ok=True)
             shutil.copy(self.cfg.vision.model_config_file, arch_dir / f"{self.cfg.vision.model}.json")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.vision_tower.state_dict().items()}, out_dir / VISION_FILE)
-        self.llm.save_pretrained(out_dir / LLM_DIR, safe_serialization=True)
+        vision = _sub_state(state_dict, "vision_tower.") if state_dict is not None else self.vision_tower.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in vision.items()}, out_dir / VISION_FILE)
+        if state_dict is None:
+            self.llm.save_pretrained(out_dir / LLM_DIR, safe_serialization=True)
+        else:
+            self.llm.save_pretrained(out_dir / LLM_DIR, state_dict=_sub_state(state_dict, "llm."), safe_serialization=True)
         tokenizer.save_pretrained(out_dir / LLM_DIR)
 
     def _write_config(self, out_dir: Path, extra: dict | None) -> None:
@@ -198,8 +242,12 @@ class LlavaModel(nn.Module):
         log.info("loaded pretrained projector from %s", file)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu"):
-        """Load a saved model directory -> (model, tokenizer, saved config dict)."""
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu", base_llm: str | None = None,
+                        quantize: bool = True):
+        """Load a saved model directory -> (model, tokenizer, saved config dict).
+
+        A LoRA directory loads its base LLM from the path it names (or `base_llm`), then the adapter;
+        `quantize=False` loads a QLoRA run's base in full precision (as merging does)."""
         from llava_sft.config import from_dict
 
         model_dir = Path(model_dir)
@@ -208,12 +256,39 @@ class LlavaModel(nn.Module):
         cfg.vision.pretrained = None  # weights come from this directory
         if cfg.vision.model_config_file:
             cfg.vision.model_config_file = str(model_dir / "vision_arch" / f"{cfg.vision.model}.json")
-        cfg.llm.path, cfg.llm.config = str(model_dir / LLM_DIR), None
+        if cfg.lora is None:
+            cfg.llm.path, cfg.llm.config = str(model_dir / LLM_DIR), None
+        else:
+            cfg.llm.path, cfg.llm.config = base_llm or cfg.llm.path, None
+            if not cfg.llm.path or not Path(cfg.llm.path).exists():
+                raise FileNotFoundError(f"{model_dir} holds LoRA adapters for the base LLM {cfg.llm.path!r}, which "
+                                        f"is not there: pass its location (base_llm= / --base)")
+            if not quantize:
+                cfg.lora.quantize = None
         model = cls(cfg)
+        if cfg.lora is not None:
+            model.llm = load_lora(model.llm, str(model_dir / LLM_DIR))
         model.vision_tower.load_state_dict(load_file(str(model_dir / VISION_FILE)))
         model.load_projector(model_dir)
         tokenizer = load_tokenizer(str(model_dir / LLM_DIR), use_fast=cfg.tokenizer_use_fast)
-        return model.to(device).eval(), tokenizer, saved
+        return model.to_device(device).eval(), tokenizer, saved
+
+    def to_device(self, device: str | torch.device) -> "LlavaModel":
+        """`.to(device)`, except that a 4-bit LLM already sits where it was loaded."""
+        if not self.quantized:
+            return self.to(device)
+        self.vision_tower.to(device)
+        self.projector.to(device)
+        return self
+
+
+def _sub_state(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def numel(p: torch.Tensor) -> int:
+    """Number of elements, also of a parameter partitioned by ZeRO-3 (whose local tensor is empty)."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def features_unused(images) -> bool:

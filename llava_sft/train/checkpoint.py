@@ -1,12 +1,20 @@
 """Periodic training checkpoints: one obvious dict, written atomically, the last N kept.
 
-    {"step", "data_position": {"epoch", "step_in_epoch"}, "trainable": {name: tensor},
-     "optimizer", "scheduler", "rng": {...}, "config": {...}}
+    step_N/state.pt      {"step", "data_position": {"epoch", "step_in_epoch", "steps_per_epoch"},
+                          "trainable": {name: tensor}, "optimizer", "scheduler", "config": {...},
+                          "world_size"}
+    step_N/rank{r}.pt    per rank: {"rng": {...}, "report": {"skipped": [...], "truncated": n}}
+    step_N/DONE
+
+Under DeepSpeed (train.deepspeed) `state.pt` holds {"engine": "deepspeed", "zero_stage", "trainable_names"}
+instead of the weights, optimizer and scheduler, which are the engine's own checkpoint files written by every
+rank into `step_N/deepspeed/` (engine.save_checkpoint / load_checkpoint) - inside the same temporary directory,
+so the atomic rename, DONE and keep_last hold as they are.
 
 `trainable` holds only parameters that train (the projector in Stage 1), so Stage-1 checkpoints
-are small and resumable. A checkpoint directory is complete once `DONE` exists inside it; it is
-written under a temporary name and renamed, so a crash while saving never leaves a checkpoint
-that looks valid but is not.
+are small and resumable. Every rank saves its own RNG state and skip report. A checkpoint
+directory is complete once `DONE` exists inside it; it is written under a temporary name and
+renamed, so a crash while saving never leaves a checkpoint that looks valid but is not.
 """
 from __future__ import annotations
 
@@ -37,18 +45,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str | Path, step: int, payload: dict, keep_last: int) -> Path:
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def save_checkpoint(root: str | Path, step: int, payload: dict | None, keep_last: int,
+                    rank_state: dict | None = None, rank: int = 0, world: int = 1, write_collective=None) -> Path:
+    """Collective under DDP: every rank calls it; rank 0 passes `payload`, each rank its `rank_state`.
+
+    `write_collective(tmp_dir)`, if given, is called on every rank before the checkpoint is completed
+    (DeepSpeed's sharded engine state)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(payload, tmp / "state.pt")
-    (tmp / "DONE").write_text(str(step))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(world)
+    torch.save(rank_state or {}, tmp / f"rank{rank}.pt")
+    if write_collective is not None:
+        write_collective(tmp)
+    _barrier(world)
+    if rank == 0:
+        torch.save(payload, tmp / "state.pt")
+        (tmp / "DONE").write_text(str(step))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
     return final
 
 
@@ -61,8 +87,14 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
+    """(shared state, this rank's state) of a complete checkpoint."""
     path = Path(path)
     if not (path / "DONE").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no DONE marker)")
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    rank_file = path / f"rank{rank}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(f"{path} has no state for rank {rank}: it was written by "
+                                f"{state.get('world_size', '?')} rank(s); resume with the same number of ranks")
+    return state, torch.load(rank_file, map_location="cpu", weights_only=False)

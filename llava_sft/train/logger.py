@@ -10,13 +10,17 @@ log = logging.getLogger(__name__)
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, wandb_project: str | None = None,
-                 run_name: str = "run", config: dict | None = None, append: bool = False):
+                 run_name: str = "run", config: dict | None = None, resume_step: int = 0):
+        """`resume_step` > 0: continue the file, dropping rows after that step (written by an interrupted run)."""
         self.enabled, self.path = enabled, run_dir / "metrics.jsonl"
         self.tb = self.wandb = None
         if not enabled:
             return
-        if not append:
-            self.path.write_text("")
+        kept = []
+        if resume_step > 0 and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -8,6 +8,9 @@ Per optimizer step: the micro-batches of this rank are loaded first, the supervi
 whole global batch (all micro-batches, all ranks) are counted, and each micro-batch's summed
 token loss is divided by that count, so accumulating k micro-batches equals one k-times-larger
 batch exactly. Then: grad clipping, AdamW, warmup + cosine schedule.
+
+Distributed engines: plain DDP (`train.deepspeed: null`), or DeepSpeed ZeRO-2/3 (`train.deepspeed: <json>`,
+see train/engine.py), both launched with torchrun; the loss normalisation, optimizer and schedule are the same.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -31,15 +35,16 @@ from llava_sft.data.dataset import Collator, LlavaJsonDataset
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.sampler import BatchPlan
 from llava_sft.data.templates import get_template
-from llava_sft.model.llava import LlavaModel, load_tokenizer
+from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
 from llava_sft.train import checkpoint as ckpt
+from llava_sft.train import engine
 from llava_sft.train.logger import MetricsLogger, plot_loss_curve
 
 log = logging.getLogger("llava_sft.train")
 
 
 # ----------------------------------------------------------------------------- setup
-def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+def setup_distributed(device_pref: str, deepspeed: bool = False) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
@@ -51,7 +56,9 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if deepspeed:
+        engine.init_distributed(use_cuda)
+    elif world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return rank, world, device
 
@@ -114,7 +121,9 @@ def build(cfg: RunConfig, device: torch.device):
     if cfg.model.llm.config is not None:
         cfg.model.llm.config.setdefault("vocab_size", len(tokenizer))
     model = LlavaModel(cfg.model)
-    vocab = model.llm.get_input_embeddings().weight.shape[0]
+    if cfg.model.lora is not None:
+        model.add_lora(cfg.train.gradient_checkpointing)
+    vocab = model.llm_vocab_size
     if vocab < len(tokenizer):
         raise ValueError(f"the LLM has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens")
     if cfg.train.pretrained_projector:
@@ -125,21 +134,40 @@ def build(cfg: RunConfig, device: torch.device):
         cfg.data.path, cfg.data.image_folder, tokenizer, template, processor, model.tokens_per_image,
         cfg.data.max_length, cfg.data.overlong, cfg.data.bad_samples, cfg.data.check_images_at_start,
     )
-    return model.to(device), tokenizer, dataset
+    return model.to_device(device), tokenizer, dataset
 
 
 def train(cfg: RunConfig) -> Path:
-    rank, world, device = setup_distributed(cfg.train.device)
+    ds = None
+    if cfg.train.deepspeed:  # checked before anything starts: a bad DeepSpeed JSON is a clear error now
+        cuda = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
+        ds = engine.DeepSpeedRun(engine.resolve_config(cfg.train.deepspeed, cfg.train,
+                                                       int(os.environ.get("WORLD_SIZE", "1")), cuda))
+    rank, world, device = setup_distributed(cfg.train.device, deepspeed=ds is not None)
     is_main = rank == 0
     run_dir = Path(cfg.train.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if cfg.train.resume == "auto" and (run_dir / "report.json").is_file():
+        _setup_logging(None)
+        log.warning("%s already holds a finished run (report.json): nothing to do. Use train.resume=never to "
+                    "train it again from scratch, or another train.output_dir.", run_dir)
+        return run_dir
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.resume == "never":
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            (run_dir / "report.json").unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    if world > 1:
+        dist.barrier()
     _setup_logging(run_dir if is_main else None)
     seed_everything(cfg.train.seed)
     t_cfg = cfg.train
 
+    if ds is not None:
+        ds.before_model_build()  # ZeRO-3: the LLM is loaded partitioned
     model, tokenizer, dataset = build(cfg, device)
+    n_startup_skips = len(dataset.report.skipped)  # the same on every rank; runtime skips come after
     log_trainable(model.set_trainable(t_cfg.train_projector, t_cfg.train_llm))
     if t_cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -151,23 +179,31 @@ def train(cfg: RunConfig) -> Path:
     if not trainable:
         raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
     low_precision = {str(p.dtype) for p in trainable if p.dtype != torch.float32}
-    if low_precision:
+    if low_precision and not (ds is not None and ds.bf16):  # DeepSpeed bf16 keeps fp32 master weights
         log.warning("trainable parameters in %s: AdamW updates them directly, with no fp32 master copy "
                     "(load the LLM with model.llm.dtype=float32 unless a mixed-precision engine keeps one)",
                     ", ".join(sorted(low_precision)))
-    optimizer = torch.optim.AdamW(param_groups(model, t_cfg.weight_decay, t_cfg.lr, t_cfg.projector_lr), lr=t_cfg.lr,
-                                  betas=tuple(t_cfg.adam_betas), eps=t_cfg.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule))
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else None
+    flops_per_token = _flops_per_token(model, t_cfg.train_llm)
+    groups = param_groups(model, t_cfg.weight_decay, t_cfg.lr, t_cfg.projector_lr)
+    schedule = lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule)
+    ddp = None
+    if ds is not None:
+        _, optimizer, scheduler = ds.initialize(model, groups, t_cfg, schedule)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=t_cfg.lr, betas=tuple(t_cfg.adam_betas), eps=t_cfg.adam_eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else None
 
-    step = _maybe_resume(run_dir / "checkpoints", model, optimizer, scheduler)
+    resume_from = _resume_point(t_cfg.resume, ckpt_root)
+    step = 0
+    if resume_from is not None:
+        step = _restore(resume_from, model, optimizer, scheduler, dataset, n_startup_skips, plan, cfg, rank, ds)
     log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d accumulation x %d micro",
              len(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
              plan.accumulation_steps, t_cfg.micro_batch_size)
-    metrics = MetricsLogger(run_dir, is_main, t_cfg.tensorboard, t_cfg.wandb_project, cfg.run_name, to_dict(cfg), append=step > 0)
+    metrics = MetricsLogger(run_dir, is_main, t_cfg.tensorboard, t_cfg.wandb_project, cfg.run_name, to_dict(cfg), resume_step=step)
     collate = Collator(tokenizer.pad_token_id)
-    use_autocast = device.type == "cuda" and t_cfg.bf16
-    flops_per_token = _flops_per_token(model, t_cfg.train_llm)
+    use_autocast = device.type == "cuda" and t_cfg.bf16 and not (ds is not None and ds.bf16)  # DS bf16: bf16 weights
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc=cfg.run_name, dynamic_ncols=True)
@@ -179,7 +215,7 @@ def train(cfg: RunConfig) -> Path:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(plan.accumulation_steps)]
         t_data = time.perf_counter() - t0
-        row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, dataset.report)
+        row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, dataset.report, ds)
         step += 1
         t_step = time.perf_counter() - t0
         row.update(step=step, epoch=round(step / plan.steps_per_epoch, 4), data_s=round(t_data, 4),
@@ -191,48 +227,77 @@ def train(cfg: RunConfig) -> Path:
             metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
-        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps and is_main:
-            _save_periodic(run_dir, step, plan, model, optimizer, scheduler, cfg)
+        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps:
+            _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, dataset, n_startup_skips,
+                           rank, world, ds)
     bar.close()
     metrics.close()
+    _gather_skip_reports(dataset, n_startup_skips, world)
+    # under ZeRO-3 every rank takes part in gathering the weights; rank 0 writes the usual directory format
+    state_dict = ds.full_state_dict(model, rank) if ds is not None and ds.stage == 3 else None
     if is_main:
-        _save_final(run_dir, model, tokenizer, cfg, dataset, plan, total_steps)
+        _save_final(run_dir, model, tokenizer, cfg, dataset, plan, total_steps, state_dict)
     if world > 1:
         dist.barrier()
     return run_dir
 
 
-def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_autocast: bool) -> dict:
+def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_autocast: bool, ds=None) -> dict:
     """Forward/backward over one step's micro-batches, normalised by the global supervised-token count.
 
     Afterwards `p.grad` holds d(mean token loss over the whole global batch)/dp, whatever the split
-    into micro-batches and ranks.
+    into micro-batches and ranks (under DeepSpeed: the engine's gradient partitions hold it).
     """
+    if ds is not None:
+        # ZeRO's collectives run in every micro-batch's forward (ZeRO-3) and backward: every rank runs the same
+        # number of them, a micro-batch whose samples were all skipped being a no-op batch
+        micro = [b if "input_ids" in b else _no_op_batch() for b in micro]
     micro = [b for b in micro if "input_ids" in b]
+    if not micro and ddp is not None:
+        # every sample of this rank's micro-batches was skipped: still join the gradient all-reduce
+        # (with zero loss), or the other ranks would wait for this one forever
+        micro = [_no_op_batch()]
     n_local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro)
     stats = all_reduce_sum(torch.tensor([float(n_local), float(sum(len(b["ids"]) for b in micro))]), world)
     n_global = max(stats[0].item(), 1.0)
     loss_total, tokens = torch.zeros((), device=device), 0
-    module = ddp if ddp is not None else model
+    module = ds.engine if ds is not None else ddp if ddp is not None else model
     for i, batch in enumerate(micro):
         sync = ddp is None or i == len(micro) - 1
+        if ds is not None:
+            ds.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
         with (contextlib.nullcontext() if sync else ddp.no_sync()):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                 loss_sum, _ = module(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                      batch["images"].to(device), batch["labels"].to(device))
-            (loss_sum * (world / n_global)).backward()  # DDP averages over ranks: x world restores the global sum
+            # DDP and DeepSpeed average over ranks: x world restores the global sum
+            if ds is not None:  # and DeepSpeed must not divide by the accumulation steps again
+                ds.engine.backward(loss_sum * (world / n_global), scale_wrt_gas=False)
+            else:
+                (loss_sum * (world / n_global)).backward()
         loss_total += loss_sum.detach()
-        tokens += int(batch["attention_mask"].sum()) + int(batch["images"].shape[0]) * (model.tokens_per_image - 1)
+        tokens += int(batch["attention_mask"].sum()) * bool(batch["ids"]) + int(batch["images"].shape[0]) * (model.tokens_per_image - 1)
     loss = all_reduce_sum(loss_total, world).item() / n_global
     return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens * world, "samples": int(stats[1].item())}
 
 
-def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, report) -> dict:
+def _no_op_batch() -> dict:
+    """One text token with no supervised label: a forward/backward that contributes exactly zero."""
+    return {"input_ids": torch.zeros(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+            "labels": torch.full((1, 1), IGNORE_INDEX), "images": torch.zeros(0, 3, 1, 1), "ids": []}
+
+
+def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, report, ds=None) -> dict:
     for batch in micro:
         for sample_id, reason in batch["skipped"]:
             report.add(sample_id, reason)
         report.truncated += batch["truncated"]
-    row = accumulate_gradients(model, ddp, micro, world, device, use_autocast)
+    row = accumulate_gradients(model, ddp, micro, world, device, use_autocast, ds)
+    if ds is not None:  # clipping (gradient_clipping = train.grad_clip), optimizer and schedule: the engine
+        lr = scheduler.get_last_lr()[0]
+        grad_norm = ds.step()
+        row.update(loss=round(row["loss"], 6), lr=lr, grad_norm=round(grad_norm, 6))
+        return row
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params if p.grad is not None]
     if t_cfg.grad_clip > 0:
@@ -257,49 +322,118 @@ def _epoch_loader(dataset, plan: BatchPlan, epoch: int, start: int, collate, num
 
 def _flops_per_token(model: LlavaModel, train_llm: bool) -> float:
     """Approximate training FLOPs per sequence token: forward 2N, backward 2N (+2N weight grads if the LLM trains)."""
-    n_llm = sum(p.numel() for p in model.llm.parameters())
+    n_llm = sum(numel(p) for p in model.llm.parameters())
     return (6 if train_llm else 4) * n_llm
 
 
-def _maybe_resume(ckpt_root: Path, model, optimizer, scheduler) -> int:
-    found = ckpt.list_checkpoints(ckpt_root)
-    if not found:
-        return 0
-    state = ckpt.load_checkpoint(found[-1])
-    named = dict(model.named_parameters())
-    for name, tensor in state["trainable"].items():
-        named[name].data.copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"])
-    log.info("resumed from %s at step %d", found[-1], state["step"])
+def _resume_point(resume: str, ckpt_root: Path) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = ckpt.list_checkpoints(ckpt_root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "DONE").is_file():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint directory (step_N with DONE); "
+                                f"use 'auto', 'never' or a path to one")
+    return path
+
+
+# Changing these between a checkpoint and its continuation would silently change the data order.
+RESUME_MUST_MATCH = ("data.path", "train.global_batch_size", "train.seed", "data.group_by_modality")
+
+
+def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: int, plan, cfg, rank: int,
+             ds=None) -> int:
+    """Load a periodic checkpoint for an exact continuation; returns its step."""
+    state, mine = ckpt.load_checkpoint(path, rank)
+    written_by, now_by = state.get("engine", "torch"), "deepspeed" if ds is not None else "torch"
+    if written_by != now_by:
+        raise ValueError(f"cannot resume from {path}: it was written by the {written_by} engine and this run uses "
+                         f"{now_by} (train.deepspeed must be set as it was, or use train.resume=never)")
+    saved, now = state["config"], to_dict(cfg)
+    for key in RESUME_MUST_MATCH:
+        section, name = key.split(".")
+        if saved.get(section, {}).get(name) != now[section][name]:
+            raise ValueError(f"cannot resume from {path}: {key} was {saved.get(section, {}).get(name)!r} and is now "
+                             f"{now[section][name]!r} (use train.resume=never to start again)")
+    expected = state["data_position"].get("steps_per_epoch")
+    if expected is not None and expected != plan.steps_per_epoch:
+        raise ValueError(f"cannot resume from {path}: the data gave {expected} steps per epoch then and "
+                         f"{plan.steps_per_epoch} now (the dataset changed)")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved_names = state["trainable_names"] if ds is not None else state["trainable"]
+    if set(named) != set(saved_names):
+        missing, extra = sorted(set(named) - set(saved_names)), sorted(set(saved_names) - set(named))
+        raise ValueError(f"cannot resume from {path}: trainable parameters differ (not in checkpoint: {missing[:5]}, "
+                         f"not trainable now: {extra[:5]})")
+    if ds is not None:  # weights (fp32 masters), optimizer and schedule: the engine's own files (collective)
+        ds.load(path)
+    else:
+        for name, tensor in state["trainable"].items():
+            named[name].data.copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(mine["rng"])
+    report = mine.get("report", {})
+    del dataset.report.skipped[n_startup_skips:]
+    dataset.report.skipped.extend(tuple(x) for x in report.get("skipped", []))
+    dataset.report.truncated = report.get("truncated", 0)
+    log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", path, state["step"],
+             state["data_position"]["epoch"], state["data_position"]["step_in_epoch"])
     return state["step"]
 
 
-def _save_periodic(run_dir, step, plan, model, optimizer, scheduler, cfg) -> None:
+def _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, dataset, n_startup_skips, rank, world,
+                   ds=None) -> None:
     epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-    payload = {
-        "step": step, "data_position": {"epoch": epoch, "step_in_epoch": in_epoch},
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(),
-        "config": to_dict(cfg),
-    }
-    path = ckpt.save_checkpoint(run_dir / "checkpoints", step, payload, cfg.train.keep_last)
-    log.info("saved checkpoint %s", path)
+    payload = None
+    if rank == 0:
+        payload = {
+            "step": step, "world_size": world,
+            "data_position": {"epoch": epoch, "step_in_epoch": in_epoch, "steps_per_epoch": plan.steps_per_epoch},
+            "config": to_dict(cfg),
+        }
+        if ds is not None:  # weights, optimizer and schedule: in the engine's files (step_N/deepspeed/)
+            payload.update(engine="deepspeed", zero_stage=ds.stage,
+                           trainable_names=[n for n, p in model.named_parameters() if p.requires_grad])
+        else:
+            payload.update(trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                           optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+    mine = {"rng": ckpt.rng_state(),
+            "report": {"skipped": dataset.report.skipped[n_startup_skips:], "truncated": dataset.report.truncated}}
+    path = ckpt.save_checkpoint(ckpt_root, step, payload, cfg.train.keep_last, mine, rank, world,
+                                write_collective=ds.save if ds is not None else None)
+    if rank == 0:
+        log.info("saved checkpoint %s", path)
 
 
-def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dataset, plan, total_steps) -> None:
+def _gather_skip_reports(dataset, n_startup_skips: int, world: int) -> None:
+    """Rank 0's report gets every rank's runtime skips and truncations (start-up rejections are the same on all)."""
+    if world == 1:
+        return
+    mine = (dataset.report.skipped[n_startup_skips:], dataset.report.truncated)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    del dataset.report.skipped[n_startup_skips:]
+    for skipped, _ in gathered:
+        dataset.report.skipped.extend(skipped)
+    dataset.report.truncated = sum(t for _, t in gathered)
+
+
+def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dataset, plan, total_steps,
+                state_dict: dict | None = None) -> None:
+    """`state_dict`: the whole model's weights when the modules hold only partitions (gathered from ZeRO-3)."""
     extra = {"template": cfg.model.template, "trained": {"run_name": cfg.run_name, "steps": total_steps}}
     if cfg.train.save_full_model:
-        model.save_pretrained(run_dir, tokenizer, extra)
+        model.save_pretrained(run_dir, tokenizer, extra, state_dict)
     else:
-        model.save_projector(run_dir, extra)
+        model.save_projector(run_dir, extra, state_dict)
     report = {
         "steps": total_steps, "samples": len(dataset),
         "repeated_to_fill_last_batch_per_epoch": plan.repeated_per_epoch(),
         "rejected_or_skipped": dataset.report.counts(), "truncated": dataset.report.truncated,
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     if dataset.report.skipped:
         with (run_dir / "skipped.jsonl").open("w") as f:
             for sample_id, reason in dataset.report.skipped:
@@ -307,6 +441,7 @@ def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dat
         log.warning("%d sample(s) skipped: %s (listed in %s)", len(dataset.report.skipped),
                     report["rejected_or_skipped"], run_dir / "skipped.jsonl")
     plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))  # last: marks the run as finished
     log.info("saved %s to %s", "model" if cfg.train.save_full_model else "projector", run_dir)
 
 

@@ -1,0 +1,78 @@
+"""LoRA / QLoRA on the LLM (peft), as the LLaVA-1.5 LoRA recipe: adapters on every linear layer of
+the LLM only (never the vision tower, the projector or lm_head); the projector trains fully.
+
+    model.lora: {r: 128, alpha: 256, dropout: 0.05}                 # LoRA
+    model.lora: {r: 128, alpha: 256, dropout: 0.05, quantize: nf4}  # QLoRA: 4-bit NF4 base, double quant
+
+A LoRA run's model directory keeps the adapter (`llm/adapter_model.safetensors` +
+`adapter_config.json`) and names its base LLM (`model.llm.path` in `llava_config.json`);
+`python -m llava_sft.merge_lora` folds the adapter into a plain model directory that loads without peft.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: every nn.Linear of the LLM except the output head
+    quantize: str | None = None  # None (LoRA) or "nf4" (QLoRA: 4-bit NF4 base weights, double quantisation)
+
+    def __post_init__(self):
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"model.lora.quantize must be null or 'nf4', got {self.quantize!r}")
+        if self.r <= 0:
+            raise ValueError(f"model.lora.r must be positive, got {self.r}")
+
+
+def quantization_config(settings: LoraSettings | None, compute_dtype: torch.dtype):
+    """The bitsandbytes config for a QLoRA base model (None for plain LoRA / full fine-tuning)."""
+    if settings is None or settings.quantize is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("QLoRA (model.lora.quantize=nf4) needs bitsandbytes: pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def attach_lora(llm: nn.Module, settings: LoraSettings, gradient_checkpointing: bool = False) -> nn.Module:
+    """Wrap the LLM with fresh LoRA adapters (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(llm, "is_loaded_in_4bit", False):
+        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.target_modules or "all-linear", bias="none", task_type="CAUSAL_LM")
+    llm = get_peft_model(llm, config)
+    trainable = sum(p.numel() for p in llm.parameters() if p.requires_grad)
+    log.info("LoRA r=%d alpha=%d dropout=%.2f on %s: %s adapter parameters%s", settings.r, settings.alpha,
+             settings.dropout, settings.target_modules or "every linear layer of the LLM", f"{trainable:,}",
+             " (4-bit NF4 base)" if settings.quantize else "")
+    return llm
+
+
+def load_lora(llm: nn.Module, adapter_dir: str) -> nn.Module:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(llm, adapter_dir)
+
+
+def is_lora(llm: nn.Module) -> bool:
+    return hasattr(llm, "peft_config")
+
+
+def is_adapter_param(name: str) -> bool:
+    return "lora_" in name

@@ -1,0 +1,83 @@
+"""The shipped recipes say what the papers say (LLaVA-1.5 Table/scripts, LLaVA v1), and every config loads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llava_sft.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.train.output_dir and cfg.data.path
+
+
+def test_llava_v1_5_recipes():
+    s1 = load_config(CONFIGS / "llava_v1_5" / "stage1_pretrain_7b.yaml")
+    assert s1.data.path.endswith("blip_laion_cc_sbu_558k.json") and s1.data.template == "plain"
+    assert (s1.train.train_projector, s1.train.train_llm) == (True, False)
+    assert (s1.train.global_batch_size, s1.train.lr, s1.train.epochs) == (256, 1e-3, 1.0)
+    assert (s1.train.warmup_ratio, s1.train.lr_schedule, s1.train.weight_decay) == (0.03, "cosine", 0.0)
+    assert s1.data.max_length == 2048 and s1.model.vision.model == "ViT-L-14-336"
+    assert (s1.model.vision.pretrained, s1.model.vision.quick_gelu, s1.model.vision.select_layer) == ("openai", True, -2)
+    assert s1.model.projector == "mlp2x_gelu"
+
+    s2 = load_config(CONFIGS / "llava_v1_5" / "stage2_finetune_7b.yaml")
+    assert s2.data.path.endswith("llava_v1_5_mix665k.json") and s2.data.template == "vicuna_v1"
+    assert (s2.train.train_projector, s2.train.train_llm) == (True, True)
+    assert (s2.train.global_batch_size, s2.train.lr, s2.train.epochs) == (128, 2e-5, 1.0)
+    assert s2.model.image_aspect == "pad" and s2.data.group_by_modality
+    assert s2.train.pretrained_projector == s1.train.output_dir  # Stage 2 picks up Stage 1's projector
+    assert s2.model.lora is None
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_llava_v1_5_lora_recipes(kind):
+    full = load_config(CONFIGS / "llava_v1_5" / "stage2_finetune_7b.yaml")
+    cfg = load_config(CONFIGS / "llava_v1_5" / f"stage2_finetune_7b_{kind}.yaml")
+    lora = cfg.model.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (128, 256, 0.05, None)
+    assert lora.quantize == ("nf4" if kind == "qlora" else None)
+    assert (cfg.train.lr, cfg.train.projector_lr) == (2e-4, 2e-5)
+    assert cfg.train.output_dir != full.train.output_dir
+    assert (cfg.data.path, cfg.train.global_batch_size, cfg.train.epochs) == (
+        full.data.path, full.train.global_batch_size, full.train.epochs)
+
+
+def test_llava_v1_recipes():
+    s1 = load_config(CONFIGS / "llava_v1" / "stage1_cc3m.yaml")
+    assert s1.data.template == "plain" and s1.model.vision.model == "ViT-L-14" and s1.model.projector == "linear"
+    assert (s1.train.global_batch_size, s1.train.lr) == (128, 2e-3)
+    s2 = load_config(CONFIGS / "llava_v1" / "stage2_instruct158k.yaml")
+    assert s2.data.path.endswith("llava_instruct_150k.json") and s2.data.template == "vicuna_v1"
+    assert (s2.train.global_batch_size, s2.train.lr, s2.train.epochs) == (32, 2e-5, 3.0)
+
+
+def test_deepspeed_engines_of_the_recipes():
+    """Stage 1 under ZeRO-2, full and LoRA Stage 2 under ZeRO-3 (as LLaVA's scripts), QLoRA on plain DDP; the
+    shipped DeepSpeed JSONs resolve for 8 GPUs to the recipe's batch, clipping and bf16, with our optimizer."""
+    from llava_sft.train.engine import resolve_config, zero_stage
+
+    expected = {"llava_v1_5/stage1_pretrain_7b.yaml": 2, "llava_v1_5/stage2_finetune_7b.yaml": 3,
+                "llava_v1_5/stage2_finetune_7b_lora.yaml": 3, "llava_v1_5/stage2_finetune_7b_qlora.yaml": None,
+                "llava_v1/stage1_cc3m.yaml": 2, "llava_v1/stage2_instruct158k.yaml": 3}
+    for name, stage in expected.items():
+        t = load_config(CONFIGS / name).train
+        if stage is None:
+            assert t.deepspeed is None, name
+            continue
+        ds = resolve_config(t.deepspeed, t, world=8, cuda=True)
+        assert zero_stage(ds) == stage, name
+        assert "optimizer" not in ds and "scheduler" not in ds
+        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (t.global_batch_size, t.micro_batch_size)
+        assert ds["gradient_accumulation_steps"] * 8 * t.micro_batch_size == t.global_batch_size
+        assert ds["gradient_clipping"] == t.grad_clip == 1.0 and ds["bf16"]["enabled"] is True
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
+        raw = (CONFIGS / "deepspeed" / name).read_text()
+        assert '"optimizer"' not in raw and '"scheduler"' not in raw
+        if name.startswith("zero3"):
+            assert '"stage3_gather_16bit_weights_on_model_save": true' in raw
