@@ -55,16 +55,15 @@ CAPTION_INSTRUCTIONS = (
     "Write a terse but informative summary of the picture.",
     "Share a concise interpretation of the image provided.",
 )
+# Every question ends with the words that identify its object ("... the circle?", "... a red circle?"):
+# a tiny from-scratch LLM then finds the query at a fixed distance from the answer.
 TEMPLATES = {
-    "color": ("What color is the {shape}?", "What is the color of the {shape}?",
-              "Which color does the {shape} have?"),
-    "shape": ("What shape is the {color} object?", "What is the shape of the {color} object?",
-              "Which shape is {color}?"),
+    "color": ("What color is the {shape}?", "Which color is the {shape}?"),
+    "shape": ("What shape is {color}?", "Which shape is {color}?"),
     "count": ("How many shapes are there?", "How many objects are in the image?", "Count the shapes."),
-    "count_kind": ("How many {shape}s are there?", "How many {shape}s are in the image?"),
-    "position": ("Where is the {color} {shape}?", "In which part of the image is the {color} {shape}?"),
-    "exists": ("Is there a {color} {shape}?", "Is there a {color} {shape} in the image?",
-               "Can you see a {color} {shape}?"),
+    "count_kind": ("How many {shape}s?", "Count the {shape}s."),
+    "position": ("Where is the {color} {shape}?", "Where is a {color} {shape}?"),
+    "exists": ("Is there a {color} {shape}?", "Can you see a {color} {shape}?"),
     "describe": ("Describe the image briefly.", "What is in the image?", "Describe the picture."),
 }
 COLOR_MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("blue", "red"): "purple"}
@@ -235,26 +234,46 @@ def make_stage1(rng: random.Random, n: int, images: ImageWriter) -> list[dict]:
     return samples
 
 
+def ask_rounds(rng: random.Random, shapes: list[Shape], rounds: int, type_counts: Counter,
+               weights: dict[str, float] | None = None) -> list[tuple[str, str]]:
+    qas = []
+    types = list(STAGE2_TYPES)
+    w = [1.0] * len(types) if weights is None else [weights.get(t, 0.0) for t in types]
+    tries = 0
+    while len(qas) < rounds and tries < 200:
+        tries += 1
+        qtype = rng.choices(types, w)[0]
+        qa = ask(rng, qtype, shapes)
+        if qa and qa[0] not in {q for q, _ in qas}:
+            qas.append(qa)
+            type_counts[qtype] += 1
+    if not qas:
+        raise ValueError(f"no askable question type among weights {weights}")
+    return qas
+
+
 def make_stage2(rng: random.Random, n: int, text_only_frac: float, images: ImageWriter,
-                type_counts: Counter, max_rounds: int = 3) -> list[dict]:
+                type_counts: Counter, max_rounds: int = 3, scene_frac: float = 0.0,
+                min_rounds: int = 1, image_first: float = 0.5, weights: dict | None = None) -> list[dict]:
     text_only = set(rng.sample(range(n), round(n * text_only_frac)))
     samples = []
     for i in range(n):
-        rounds = rng.randint(1, max_rounds)
+        rounds = rng.randint(min_rounds, max_rounds)
         if i in text_only:
-            qas = [text_only_qa(rng) for _ in range(min(rounds, 2))]
-            type_counts["text_only"] += len(qas)
+            if rng.random() < scene_frac:
+                shapes = sample_layout(rng, images.image_size)
+                qas = ask_rounds(rng, shapes, rounds, Counter())
+                qas[0] = (f"{caption(shapes)}\n{qas[0][0]}", qas[0][1])
+                type_counts["text_scene"] += len(qas)
+            else:
+                qas = [text_only_qa(rng) for _ in range(min(rounds, 2))]
+                type_counts["text_only"] += len(qas)
             samples.append({"id": f"text_{i:06d}", "conversations": conversation(qas)})
             continue
         shapes = sample_layout(rng, images.image_size)
-        qas = []
-        while len(qas) < rounds:  # always ends: >= 3 distinct count questions exist
-            qtype = rng.choice(STAGE2_TYPES)
-            qa = ask(rng, qtype, shapes)
-            if qa and qa[0] not in {q for q, _ in qas}:
-                qas.append(qa)
-                type_counts[qtype] += 1
-        qas[0] = (with_image(qas[0][0], rng), qas[0][1])
+        qas = ask_rounds(rng, shapes, rounds, type_counts, weights)
+        first = rng.random() < image_first
+        qas[0] = (f"<image>\n{qas[0][0]}" if first else f"{qas[0][0]}\n<image>", qas[0][1])
         name = images.write(shapes, "stage2")
         samples.append({"id": name[:-4], "image": name, "conversations": conversation(qas)})
     return samples
@@ -292,21 +311,25 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 3000,
-             n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1, max_rounds: int = 3) -> dict:
+             n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1, max_rounds: int = 3,
+             scene_frac: float = 0.0, min_rounds: int = 1, image_first: float = 0.5,
+             type_weights: str = "") -> dict:
     """Write the whole dataset under ``out`` and return the manifest."""
     if image_size < 32:
         raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
     if not 0.0 <= text_only_frac < 1.0:
         raise ValueError("text_only_frac must be in [0, 1)")
     args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
-            "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds}
+            "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds, "min_rounds": min_rounds,
+            "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights}
     (out / "eval").mkdir(parents=True, exist_ok=True)
     images = ImageWriter(out, image_size)
     stage2_types: Counter = Counter()
     # One generator per split, so e.g. the eval content does not depend on --n-stage1.
     stage1 = make_stage1(random.Random(f"{seed}-stage1"), n_stage1, images)
     stage2 = make_stage2(random.Random(f"{seed}-stage2"), n_stage2, text_only_frac, images,
-                         stage2_types, max_rounds)
+                         stage2_types, max_rounds, scene_frac, min_rounds, image_first,
+                         {k: float(v) for k, v in (kv.split("=") for kv in type_weights.split(","))} if type_weights else None)
     questions, answers = make_eval(random.Random(f"{seed}-eval"), n_eval, images)
 
     write_json(out / "stage1.json", stage1)
@@ -347,6 +370,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--text-only-frac", type=float, default=0.1)
     parser.add_argument("--max-rounds", type=int, default=3, help="question/answer rounds per stage-2 sample: 1..N")
+    parser.add_argument("--scene-frac", type=float, default=0.0,
+                        help="share of text-only Stage-2 samples that describe a scene in words and ask about it")
+    parser.add_argument("--min-rounds", type=int, default=1, help="fewest question/answer rounds per stage-2 sample")
+    parser.add_argument("--image-first", type=float, default=0.5,
+                        help="probability that <image> precedes the first stage-2 question (else it follows)")
+    parser.add_argument("--type-weights", default="",
+                        help="stage-2 question type weights, e.g. color=1,exists=1.5,describe=0.5 (default: equal)")
     kwargs = vars(parser.parse_args(argv))
     manifest = generate(kwargs.pop("out"), **kwargs)
     print(json.dumps(manifest["counts"], indent=1))

@@ -8,10 +8,13 @@ export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 DATA=${DEMO_DATA:-data/demo}
 OUT=${DEMO_OUT:-checkpoints/demo}
 SIZES=${DEMO_SIZES:---n-stage1 3000 --n-stage2 6000 --n-eval 300}
+# Stage-2 samples: 2-5 rounds, image always before the first question (as at evaluation), fewer
+# long descriptions (they would dominate the token-averaged loss), more yes/no existence questions.
+SHAPES_ARGS="--min-rounds 2 --max-rounds 5 --image-first 1 --type-weights color=1,shape=1,count=1,position=1,exists=1.5,describe=0.5"
 start=$(date +%s)
 
 echo "== 1/4 data: synthetic shapes images, captions, instructions, eval questions =="
-python -m data_prep.make_shapes --out "$DATA" --seed 0 --image-size 48 --max-rounds 3 $SIZES
+python -m data_prep.make_shapes --out "$DATA" --seed 0 --image-size 48 $SHAPES_ARGS $SIZES
 python -m data_prep.make_tokenizer --corpus "$DATA/corpus.txt" --out "$DATA/tokenizer" --vocab-size 600
 rm -rf "$OUT/stage1" "$OUT/stage2" "$OUT/eval"
 common=(model.tokenizer="$DATA/tokenizer" data.image_folder="$DATA/images")

@@ -296,3 +296,47 @@ def test_load_jsonl_skips_blank_lines(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2}\n')
     assert load_jsonl(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_questions_end_with_the_words_naming_their_object(data):
+    """Colour/shape names come last in every question (the contract the demo's tiny LLM relies on)."""
+    colors, kinds = "|".join(REFERENCE_RGB), "|".join(SHAPE_WORDS)
+    ending = re.compile(rf"(?:(?:\b(?:{colors}) )?\b(?:{kinds})s?|\b(?:{colors}))[?.]$")
+    texts = [q["text"] for q in data["questions"]]
+    texts += [t["value"].replace("<image>", "").strip() for s in data["stage2"] if "image" in s
+              for t in s["conversations"][::2]]
+    named = [t for t in texts if re.search(rf"\b(?:{colors}|{kinds})s?\b", t)]
+    assert len(named) > len(texts) / 2
+    for text in named:
+        assert ending.search(text), text
+
+
+def test_stage2_mix_options(tmp_path):
+    """--image-first, --min/--max-rounds and --type-weights shape the Stage-2 mix; answers stay right."""
+    out = tmp_path / "mix"
+    subprocess.run(
+        [sys.executable, "-m", "data_prep.make_shapes", "--out", str(out), "--image-size", str(IMAGE_SIZE),
+         "--n-stage1", "10", "--n-stage2", "300", "--n-eval", "10", "--image-first", "1",
+         "--min-rounds", "2", "--max-rounds", "5",
+         "--type-weights", "color=1,shape=1,count=1,position=1,exists=3,describe=0.25"],
+        cwd=REPO, check=True, capture_output=True, timeout=120,
+    )
+    stage2 = json.loads((out / "stage2.json").read_text())
+    meta = {m["image"]: m for m in load_jsonl(out / "meta.jsonl")}
+    rounds, kinds = Counter(), Counter()
+    for sample in (s for s in stage2 if "image" in s):
+        turns = sample["conversations"]
+        assert turns[0]["value"].startswith("<image>\n")
+        rounds[len(turns) // 2] += 1
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            expected = oracle(human["value"], meta[sample["image"]]["shapes"])
+            if expected is None:
+                assert_caption_matches(gpt["value"], meta[sample["image"]]["shapes"])
+                kinds["describe"] += 1
+            else:
+                assert gpt["value"] == expected, human["value"]
+                kinds["exists" if gpt["value"] in ("yes", "no") else "other"] += 1
+    assert set(rounds) == {2, 3, 4, 5}
+    # exists has weight 3 of 7.25 (~41%), describe 0.25 (~3%)
+    total = sum(kinds.values())
+    assert 0.3 < kinds["exists"] / total < 0.55 and 0 < kinds["describe"] / total < 0.08
