@@ -75,6 +75,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_sft.data.dataset import image_list
+from llava_sft.data.templates import BadSampleError
+
 FORMAT = "llava_sft.shards/1"
 SHARD_NAME = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar(\.done|\.tmp)?$")
@@ -163,15 +166,11 @@ def _check_image(folder: Path, name: str, verify: bool) -> tuple[int, int] | str
 
 
 def _image_list(record: dict) -> list[str] | None:
-    """As llava_sft.data.dataset.image_list (not imported: the converter needs no torch); None if invalid."""
-    image = record.get("image")
-    if image is None:
-        return []
-    if isinstance(image, str):
-        return [image]
-    if isinstance(image, list) and all(isinstance(x, str) for x in image):
-        return list(image)
-    return None
+    """The record's image paths as training reads them (llava_sft.data.dataset.image_list); None if invalid."""
+    try:
+        return image_list(record)
+    except BadSampleError:
+        return None
 
 
 def check_records(records: list, folder: Path, threads: int, verify: bool) -> tuple[list[Item], list[dict]]:
