@@ -8,7 +8,7 @@ Then score with `python -m llava_sft.eval.score llava_bench --answers reviews-ev
 `python -m llava_sft.eval.score mm_vet --answers grades.json --annotations mm-vet.json`.
 
 Judge endpoint: POST {base_url}/chat/completions with {model, messages, temperature, max_tokens}
-(standard library only). --base-url / --model / --api-key, or LLAVA_JUDGE_BASE_URL (default
+(the shared client llava_sft.chat_client.ChatClient, standard library only). --base-url / --model / --api-key, or LLAVA_JUDGE_BASE_URL (default
 https://api.openai.com/v1), LLAVA_JUDGE_MODEL (default: the reference's model, gpt-4-0314 for LLaVA-Bench,
 gpt-4-0613 for MM-Vet) and OPENAI_API_KEY (sent as a Bearer token; required for api.openai.com).
 429, 5xx, timeouts and connection errors are retried with exponential backoff (Retry-After honoured);
@@ -45,82 +45,18 @@ import argparse
 import json
 import os
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
+from llava_sft.chat_client import ChatClient, ChatError
 from llava_sft.eval.metrics import llava_bench_parse_score
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODELS = {"llava_bench": "gpt-4-0314", "mm_vet": "gpt-4-0613"}
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class JudgeError(RuntimeError):
-    """The judge cannot be used (bad key, bad request, retries exhausted)."""
-
-
-# ============================================================================ HTTP client
-class ChatClient:
-    """Minimal OpenAI-compatible chat-completions client (urllib), with retries on transient errors."""
-
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 8, backoff: float = 1.0, max_backoff: float = 60.0,
-                 sleep: Callable[[float], None] = time.sleep):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.max_retries, self.backoff, self.max_backoff, self.sleep = max_retries, backoff, max_backoff, sleep
-        self.n_requests = 0
-
-    def _wait(self, attempt: int, retry_after: str | None = None) -> None:
-        delay = min(self.backoff * 2 ** attempt, self.max_backoff)
-        if retry_after:
-            try:
-                delay = min(max(float(retry_after), delay), self.max_backoff)
-            except ValueError:
-                pass
-        self.sleep(delay)
-
-    def chat(self, messages: list[dict], temperature: float, max_tokens: int) -> tuple[str, str]:
-        """(reply content, model name reported by the server)."""
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens}).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            self.n_requests += 1
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    data = json.loads(response.read().decode("utf-8"))
-                try:
-                    return data["choices"][0]["message"]["content"], data.get("model", self.model)
-                except (KeyError, IndexError, TypeError):
-                    raise JudgeError(f"{self.url}: unexpected response (no choices[0].message.content): "
-                                     f"{json.dumps(data)[:500]}") from None
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode("utf-8", "replace")[:500]
-                if e.code in RETRY_STATUS:
-                    last = f"HTTP {e.code}: {detail}"
-                    print(f"judge: {last.strip()} -- retry {attempt + 1}/{self.max_retries}", file=sys.stderr)
-                    if attempt < self.max_retries:
-                        self._wait(attempt, e.headers.get("Retry-After"))
-                    continue
-                if e.code in (401, 403):
-                    raise JudgeError(f"judge {self.url} refused the credentials (HTTP {e.code}): {detail.strip()} "
-                                     "-- check --api-key / OPENAI_API_KEY") from None
-                raise JudgeError(f"judge {self.url} rejected the request (HTTP {e.code}): {detail.strip()} "
-                                 f"(model {self.model!r})") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-                print(f"judge: {last} -- retry {attempt + 1}/{self.max_retries}", file=sys.stderr)
-                if attempt < self.max_retries:
-                    self._wait(attempt)
-        raise JudgeError(f"judge {self.url}: giving up after {self.max_retries + 1} attempts ({last.strip()})")
+class JudgeError(ChatError):
+    """The judge cannot be used (bad inputs; HTTP problems are `ChatError`s of the shared client)."""
 
 
 # ============================================================================ LLaVA-Bench (In-the-Wild)
@@ -334,7 +270,7 @@ def make_client(args) -> ChatClient:
         raise JudgeError("no API key for api.openai.com: set OPENAI_API_KEY or --api-key "
                          "(or point --base-url / LLAVA_JUDGE_BASE_URL at another OpenAI-compatible server)")
     return ChatClient(base_url, model, api_key, timeout=args.timeout, max_retries=args.max_retries,
-                      backoff=args.backoff)
+                      backoff=args.backoff, name="judge")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                                 rules, args.max_tokens)
         else:
             n = run_mm_vet(client, args.mmvet, args.answers, args.out, args.num_run)
-    except JudgeError as e:
+    except ChatError as e:  # JudgeError included
         raise SystemExit(f"judge {args.benchmark}: {e}") from None
     print(f"{n} new judgement(s) ({client.n_requests} request(s) to {client.url}) -> {args.out}")
     return n
