@@ -6,7 +6,8 @@ whole conversation with `<image>` removed, lower-cased, punctuation dropped, whi
 
 * exact duplicate: the same normalised text as an earlier record of its group;
 * near duplicate: not exact, but the Jaccard similarity of its word-3-gram sets with an earlier
-  record of its group is >= `threshold` (0.8 by default; texts under 3 words use the whole text).
+  record of its group is >= `threshold` (0.8 by default; texts under 3 words use the whole text;
+  a threshold above 1 turns the near-duplicate search off).
 
 Near duplicates are found without comparing all pairs: shingles are ordered by global frequency
 (rarest first) and two sets can only reach Jaccard >= t if they share one of the first
@@ -66,6 +67,8 @@ def find_duplicates(records: Iterable[dict], threshold: float = 0.8) -> dict[int
         else:
             first[(g, t)] = i
             unique.append(i)
+    if threshold > 1:  # near duplicates not wanted
+        return out
     sets = {i: shingles(texts[i]) for i in unique}
     freq = Counter(s for i in unique for s in sets[i])
     index: dict[tuple[str, str], list[int]] = defaultdict(list)
