@@ -132,7 +132,7 @@ def plot_card(card: dict, values: dict, path: Path, title: str) -> None:
     axes[0, 0].set_title("samples by source")
     if values["rounds"]:
         top = max(values["rounds"])
-        axes[0, 1].hist(values["rounds"], bins=np.arange(-0.5, top + 1.5, 1))
+        axes[0, 1].hist(values["rounds"], bins=np.arange(min(values["rounds"]) - 0.5, top + 1.5, 1))
     axes[0, 1].set_title("rounds per sample")
     if values["answer_words"]:
         axes[1, 0].hist(values["answer_words"], bins=50, log=True)

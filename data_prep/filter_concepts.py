@@ -68,6 +68,10 @@ def _dist(values) -> dict:
     return {"max": int(a.max()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90))}
 
 
+def _top(counts: Counter, n: int) -> list[list]:
+    return [[c, k] for c, k in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
 def coverage_report(phrases: list[list[str]], selected: list[int], min_freq: int, cap: int, top: int = 10) -> dict:
     before, after = concept_counts(phrases), concept_counts([phrases[i] for i in selected])
     frequent = {c for c, n in before.items() if n >= min_freq}
@@ -81,8 +85,7 @@ def coverage_report(phrases: list[list[str]], selected: list[int], min_freq: int
                               "coverage": round(len(frequent & set(after)) / max(1, len(frequent)), 4)},
         "captions_per_frequent_concept": {"before": _dist([before[c] for c in frequent]),
                                           "after": _dist([after.get(c, 0) for c in frequent])},
-        "top_concepts": {"before": before.most_common(top),
-                         "after": sorted(after.items(), key=lambda kv: (-kv[1], kv[0]))[:top]},
+        "top_concepts": {"before": _top(before, top), "after": _top(after, top)},
     }
 
 

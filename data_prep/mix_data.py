@@ -180,6 +180,10 @@ def format_report(report: dict, out: Path) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) if i in (0, 6) else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
              for r in rows]
+    repeated = {n: s["repeated"] for n, s in report["sources"].items() if s["repeated"]}
+    if repeated:
+        lines.append("repeated samples (more asked than the file holds): "
+                     + ", ".join(f"{n} {c}" for n, c in repeated.items()))
     bad = {n: s["bad_skipped"] for n, s in report["sources"].items() if s["bad_skipped"]}
     if bad:
         lines.append("bad records left out: " + ", ".join(f"{n} {c}" for n, c in bad.items()))
