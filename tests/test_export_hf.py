@@ -180,3 +180,34 @@ def test_projectors_hf_cannot_express_are_refused(llama_tokenizer_dir, tmp_path)
     assert result.returncode == 2
     assert "projector 'linear' cannot be expressed" in result.stderr and "Linear -> GELU -> Linear" in result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_hf_siglip_tower_exports_with_the_full_strategy(llama_tokenizer_dir, tmp_path):
+    """A tower without CLS: 'patch' features are all tokens, i.e. HF's 'full' strategy, and the logits match."""
+    import json
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tests.tiny_encoders import tiny_vision_configs
+
+    torch.manual_seed(0)
+    spec = model_dict(llama_tokenizer_dir)
+    spec["vision"] = tiny_vision_configs(tmp_path / "enc")["hf_siglip"]
+    cfg = from_dict(ModelConfig, spec)
+    cfg.llm.config["vocab_size"] = len(load_tokenizer(str(llama_tokenizer_dir)))
+    model = LlavaModel(cfg).eval()
+    model.save_pretrained(tmp_path / "ours", load_tokenizer(str(llama_tokenizer_dir)), {"template": "vicuna_v1"})
+    assert export_main(["hf", "--model", str(tmp_path / "ours"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vision_feature_select_strategy"] == "full"
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    image = noise_image()
+    text = get_template("vicuna_v1").generation_prompt("<image>\n" + QUESTION)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    ids = torch.tensor([tokenize_prompt(text, load_tokenizer(str(llama_tokenizer_dir)))])
+    with torch.no_grad():
+        batch = model.embed(ids, torch.ones_like(ids), inputs["pixel_values"])
+        ours = model.llm(inputs_embeds=batch.inputs_embeds).logits
+        theirs = hf(**inputs).logits
+    assert inputs["input_ids"].shape[1] == ours.shape[1]  # 16 image tokens: no CLS to drop
+    assert torch.allclose(theirs[..., :ours.shape[-1]], ours, atol=1e-4, rtol=1e-5)

@@ -61,9 +61,16 @@ def _hf_clip_vision(tower) -> HFVision:
     return HFVision(config, state, tower.model.config.patch_size, has_cls=True)
 
 
+def _hf_siglip_vision(tower) -> HFVision:
+    config = {**tower.model.config.to_dict(), "model_type": "siglip_vision_model"}
+    state = {k: v.detach() for k, v in tower.model.state_dict().items()}
+    return HFVision(config, state, tower.model.config.patch_size, has_cls=False)
+
+
 # registry key of the vision tower -> its exporter; a tower not listed here is refused
 VISION_EXPORTERS: dict[str, Callable[[torch.nn.Module], HFVision]] = {"openclip": _openclip_vision,
-                                                                      "hf_clip": _hf_clip_vision}
+                                                                      "hf_clip": _hf_clip_vision,
+                                                                      "hf_siglip": _hf_siglip_vision}
 
 
 def register_vision_exporter(name: str, fn: Callable[[torch.nn.Module], HFVision]) -> None:

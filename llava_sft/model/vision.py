@@ -90,7 +90,10 @@ class VisionTower(nn.Module):
 # registry key -> "module:Class"; imported on first use, so an encoder's dependencies load only when it is used
 ENCODERS: dict[str, str] = {
     "openclip": "llava_sft.model.encoders.openclip:OpenClipVisionTower",  # CLIP ViT-L/14(-336), default
+    "openclip_siglip": "llava_sft.model.encoders.openclip_siglip:OpenClipSiglipVisionTower",
     "hf_clip": "llava_sft.model.encoders.hf_clip:HFClipVisionTower",
+    "hf_siglip": "llava_sft.model.encoders.hf_siglip:HFSiglipVisionTower",
+    "timm": "llava_sft.model.encoders.timm_vit:TimmViTVisionTower",  # e.g. DINOv2
 }
 _REGISTRY: dict[str, Callable[[VisionConfig], VisionTower]] = {}
 
