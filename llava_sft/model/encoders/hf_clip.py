@@ -16,10 +16,8 @@ class HFClipVisionTower(VisionTower):
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         config = CLIPVisionConfig.from_pretrained(cfg.model_config_file or cfg.model, **(cfg.model_kwargs or {}))
-        if cfg.pretrained:
-            self.model = CLIPVisionModel.from_pretrained(cfg.pretrained, config=config)
-        else:
-            self.model = CLIPVisionModel(config)
+        self.model = CLIPVisionModel.from_pretrained(cfg.pretrained, config=config) if cfg.pretrained \
+            else CLIPVisionModel(config)
         self.hidden_size, self.image_size = config.hidden_size, config.image_size
         self.num_patches = (config.image_size // config.patch_size) ** 2
         self.check_select_layer(config.num_hidden_layers)
