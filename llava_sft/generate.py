@@ -15,11 +15,24 @@ from PIL import Image
 
 from llava_sft.constants import IMAGE_PLACEHOLDER
 from llava_sft.data.images import ImageProcessor
-from llava_sft.data.templates import get_template
+from llava_sft.data.templates import ChatTemplate, get_template
 from llava_sft.data.tokenize import tokenize_prompt
 from llava_sft.model.llava import LlavaModel
 
 log = logging.getLogger(__name__)
+
+
+def stop_token_ids(tokenizer, template: ChatTemplate) -> list[int]:
+    """EOS plus every stop string of the template that is one token of this tokenizer."""
+    ids = {tokenizer.eos_token_id}
+    for text in template.stop_strings:
+        token = tokenizer.convert_tokens_to_ids(text)
+        if token is not None and token != tokenizer.unk_token_id:
+            ids.add(token)
+        else:  # not a single token: generation stops only at EOS or max_new_tokens
+            log.warning("stop string %r of template %r is not one token of this tokenizer; stopping at EOS only",
+                        text, template.name)
+    return sorted(i for i in ids if i is not None)
 
 
 class Answerer:
@@ -33,19 +46,8 @@ class Answerer:
         self.processor = ImageProcessor.from_saved(saved["image"])
         self.template = get_template(template or saved.get("template") or saved["model"]["template"],
                                      saved["model"].get("system_prompt"))
-        self.stop_ids = self._stop_token_ids()
+        self.stop_ids = stop_token_ids(self.tokenizer, self.template)
         self.model_id = Path(model_dir).name
-
-    def _stop_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        for text in self.template.stop_strings:
-            token = self.tokenizer.convert_tokens_to_ids(text)
-            if token is not None and token != self.tokenizer.unk_token_id:
-                ids.add(token)
-            else:  # not a single token: generation stops only at EOS or max_new_tokens
-                log.warning("stop string %r of template %r is not one token of this tokenizer; stopping at EOS only",
-                            text, self.template.name)
-        return sorted(i for i in ids if i is not None)
 
     def prompt_for(self, question: str, with_image: bool = True) -> str:
         if with_image and IMAGE_PLACEHOLDER not in question:

@@ -193,7 +193,7 @@ class LlavaModel(nn.Module):
         if self.cfg.vision.model_config_file:  # a custom open_clip architecture travels with the model
             arch_dir = out_dir / "vision_arch"
             arch_dir.mkdir(exist_ok=True)
-            shutil.copy(self.cfg.vision.model_config_file, arch_dir / f"{self.cfg.vision.model}.json")
+            shutil.copy(self.cfg.vision.model_config_file, arch_dir / arch_file_name(self.cfg.vision))
         vision = _sub_state(state_dict, "vision_tower.") if state_dict is not None else self.vision_tower.state_dict()
         save_file({k: v.detach().cpu().contiguous() for k, v in vision.items()}, out_dir / VISION_FILE)
         if state_dict is None:
@@ -255,7 +255,7 @@ class LlavaModel(nn.Module):
         cfg: ModelConfig = from_dict(ModelConfig, saved["model"], where="model")
         cfg.vision.pretrained = None  # weights come from this directory
         if cfg.vision.model_config_file:
-            cfg.vision.model_config_file = str(model_dir / "vision_arch" / f"{cfg.vision.model}.json")
+            cfg.vision.model_config_file = str(model_dir / "vision_arch" / arch_file_name(cfg.vision))
         if cfg.lora is None:
             cfg.llm.path, cfg.llm.config = str(model_dir / LLM_DIR), None
         else:
@@ -280,6 +280,11 @@ class LlavaModel(nn.Module):
         self.vision_tower.to(device)
         self.projector.to(device)
         return self
+
+
+def arch_file_name(vision: VisionConfig) -> str:
+    """File name of the vision architecture copied into a model directory (open_clip needs `<model>.json`)."""
+    return f"{Path(vision.model).name}.json"
 
 
 def _sub_state(state_dict: dict, prefix: str) -> dict:

@@ -1,23 +1,28 @@
-"""Frozen vision encoders: a base-class contract, a registry, and the open_clip CLIP ViT.
+"""Frozen vision encoders: the base-class contract and the registry. The encoders live in model/encoders/.
 
-Contract (`VisionTower`): `forward(pixels[N,3,H,W]) -> features[N, num_patches(+1), hidden_size]`,
-plus `hidden_size`, `num_tokens` (tokens per image after feature selection), `image_size`,
-`image_mean`/`image_std`. Towers are frozen by `freeze()`: no grad, eval mode (kept in eval mode
-even when the parent module is put in train mode), never handed to the optimizer.
+Contract (`VisionTower`), what every encoder provides:
+    __init__(cfg)     build the encoder from `cfg` (`cfg.model` names the architecture, `cfg.pretrained` the
+                      weights, None = random init; `cfg.model_config_file` / `cfg.model_kwargs` adjust it)
+    forward(pixels)   [N, 3, image_size, image_size] normalised pixels -> [N, num_tokens, hidden_size] features:
+                      the hidden states of `cfg.select_layer` (HF indexing: 0 = embeddings, i = output of block i,
+                      -1 = last block, -2 = penultimate), prefix tokens (CLS, registers) dropped for "patch",
+                      the CLS token kept in front for "cls_patch" (`select_hidden_state` does this)
+    hidden_size       feature width;  num_patches  patch tokens per image;  image_size  input side in pixels
+    image_mean/std    normalisation the encoder was trained with;  num_prefix_tokens  tokens before the patches
+Freezing is the base class's (`freeze()`: no grad, eval mode kept even when the parent is put in train mode);
+towers are never handed to the optimizer.
 
-Adding an encoder = one subclass + `@register_vision_tower("name")`.
+Adding an encoder = one small file in model/encoders/ with a `VisionTower` subclass + one line in `ENCODERS`
+below (or `@register_vision_tower("name")` on a class defined anywhere). See the README, "Add a vision encoder".
 """
 from __future__ import annotations
 
-import logging
+import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,24 +32,26 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class VisionConfig:
     """Which encoder, which weights, which features. Saved with every checkpoint."""
 
-    name: str = "openclip"  # registry key
-    model: str = "ViT-L-14-336"  # open_clip architecture name
-    pretrained: str | None = "openai"  # open_clip tag, or a local weights file; None = random init
+    name: str = "openclip"  # registry key (ENCODERS below)
+    model: str = "ViT-L-14-336"  # architecture: open_clip / timm model name, or HF model directory / hub id
+    pretrained: str | None = "openai"  # weights: open_clip tag, local file, HF directory / hub id; None = random init
     cache_dir: str | None = None  # open_clip download cache (pre-filled for offline clusters)
-    model_config_file: str | None = None  # JSON architecture to register with open_clip (tiny test towers)
+    model_config_file: str | None = None  # JSON architecture (open_clip model config, or HF config.json)
+    model_kwargs: dict | None = None  # architecture overrides (timm create_model kwargs, HF config fields)
     quick_gelu: bool = True  # OpenAI CLIP was trained with QuickGELU; the features are wrong without it
     select_layer: int = -2  # hidden-state index as in HF (-1 = last block, -2 = penultimate block)
-    select_feature: str = "patch"  # "patch" (CLS dropped) or "cls_patch"
+    select_feature: str = "patch"  # "patch" (CLS/prefix tokens dropped) or "cls_patch"
 
 
 class VisionTower(nn.Module):
-    """Base class: a frozen image encoder producing per-patch features."""
+    """Base class: a frozen image encoder producing per-patch features (see the module docstring)."""
 
     hidden_size: int
     num_patches: int
     image_size: int
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    num_prefix_tokens: int = 1  # CLS (+ register tokens) before the patch tokens; 0 for SigLIP-style towers
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -56,6 +63,22 @@ class VisionTower(nn.Module):
     def num_tokens(self) -> int:
         return self.num_patches + (1 if self.cfg.select_feature == "cls_patch" else 0)
 
+    def check_select_layer(self, depth: int) -> int:
+        """Index of the block whose output `select_layer` reads (0-based); clear error when out of range."""
+        layer = self.cfg.select_layer
+        block = depth + layer if layer < 0 else layer - 1
+        if not 0 <= block < depth:
+            raise ValueError(f"vision.select_layer {layer} is out of range for a {depth}-block encoder")
+        if self.cfg.select_feature == "cls_patch" and self.num_prefix_tokens != 1:
+            raise ValueError(f"vision.select_feature 'cls_patch' needs exactly one CLS token; {self.cfg.name} "
+                             f"has {self.num_prefix_tokens} prefix tokens")
+        return block
+
+    def select_hidden_state(self, hidden_states) -> torch.Tensor:
+        """HF-style hidden states (embeddings, then every block's output) -> the selected features."""
+        h = hidden_states[self.cfg.select_layer]
+        return h if self.cfg.select_feature == "cls_patch" else h[:, self.num_prefix_tokens:]
+
     def freeze(self) -> "VisionTower":
         self.requires_grad_(False)
         return self.eval()
@@ -64,10 +87,19 @@ class VisionTower(nn.Module):
         return super().train(False)
 
 
+# registry key -> "module:Class"; imported on first use, so an encoder's dependencies load only when it is used
+ENCODERS: dict[str, str] = {
+    "openclip": "llava_sft.model.encoders.openclip:OpenClipVisionTower",  # CLIP ViT-L/14(-336), default
+    "openclip_siglip": "llava_sft.model.encoders.openclip_siglip:OpenClipSiglipVisionTower",
+    "hf_clip": "llava_sft.model.encoders.hf_clip:HFClipVisionTower",
+    "hf_siglip": "llava_sft.model.encoders.hf_siglip:HFSiglipVisionTower",
+    "timm": "llava_sft.model.encoders.timm_vit:TimmViTVisionTower",  # e.g. DINOv2
+}
 _REGISTRY: dict[str, Callable[[VisionConfig], VisionTower]] = {}
 
 
 def register_vision_tower(name: str):
+    """Class decorator registering an encoder defined outside `ENCODERS` (e.g. in a user's own module)."""
     def wrap(cls):
         _REGISTRY[name] = cls
         return cls
@@ -75,55 +107,18 @@ def register_vision_tower(name: str):
     return wrap
 
 
+def list_vision_towers() -> list[str]:
+    return sorted(set(ENCODERS) | set(_REGISTRY))
+
+
+def get_vision_tower_class(name: str) -> Callable[[VisionConfig], VisionTower]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name not in ENCODERS:
+        raise ValueError(f"unknown vision tower {name!r}; registered: {', '.join(list_vision_towers())}")
+    module, cls = ENCODERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:
-    if cfg.name not in _REGISTRY:
-        raise ValueError(f"unknown vision tower {cfg.name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[cfg.name](cfg).freeze()
-
-
-@register_vision_tower("openclip")
-class OpenClipVisionTower(VisionTower):
-    """An open_clip ViT (CLIP ViT-L/14 at 224 or 336 px by default); only its image tower is kept."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__(cfg)
-        import open_clip
-
-        if cfg.model_config_file:
-            open_clip.add_model_config(Path(cfg.model_config_file))
-        pretrained = cfg.pretrained or None
-        if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"vision.pretrained weights file not found: {pretrained}")
-        clip = open_clip.create_model(
-            cfg.model, pretrained=pretrained, force_quick_gelu=cfg.quick_gelu, cache_dir=cfg.cache_dir or None,
-            require_pretrained=bool(pretrained),
-        )
-        self.visual = clip.visual
-        del clip  # the text tower is never used
-        depth = len(self.visual.transformer.resblocks)
-        block = depth + cfg.select_layer if cfg.select_layer < 0 else cfg.select_layer - 1
-        if not 0 <= block < depth:
-            raise ValueError(f"vision.select_layer {cfg.select_layer} is out of range for a {depth}-block ViT")
-        self.block_index = block  # index of the transformer block whose output we read
-        self.hidden_size = self.visual.transformer.width
-        grid = self.visual.grid_size
-        self.num_patches = grid[0] * grid[1]
-        size = self.visual.image_size
-        self.image_size = size[0] if isinstance(size, (tuple, list)) else size
-        mean, std = getattr(self.visual, "image_mean", None), getattr(self.visual, "image_std", None)
-        self.image_mean, self.image_std = tuple(mean or OPENAI_CLIP_MEAN), tuple(std or OPENAI_CLIP_STD)
-        log.info(
-            "vision tower %s (pretrained=%s, quick_gelu=%s): %d px, %d patches, width %d, features of block %d/%d",
-            cfg.model, pretrained, cfg.quick_gelu, self.image_size, self.num_patches, self.hidden_size, block + 1, depth,
-        )
-
-    @torch.no_grad()
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.visual.forward_intermediates(
-            pixels.to(self.visual.conv1.weight.dtype), indices=[self.block_index], stop_early=True,
-            intermediates_only=True, output_fmt="NLC", output_extra_tokens=True,
-        )
-        patches = out["image_intermediates"][0]
-        if self.cfg.select_feature == "cls_patch":
-            patches = torch.cat([out["image_intermediates_prefix"][0], patches], dim=1)
-        return patches
+    return get_vision_tower_class(cfg.name)(cfg).freeze()
