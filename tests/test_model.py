@@ -94,6 +94,46 @@ def test_projectors():
         build_projector("mlp2x_relu", 8, 16)
 
 
+# Golden cases: per projector, its state-dict keys (the layout of LLaVA's `mm_projector.*` weights, which
+# import/export rely on) and its output written out from those weights. Every registered name needs one.
+PROJECTOR_GOLDEN = {
+    "linear": (["bias", "weight"], lambda sd, x: x @ sd["weight"].T + sd["bias"]),
+    "identity": ([], lambda sd, x: x),
+    "mlp2x_gelu": (["0.bias", "0.weight", "2.bias", "2.weight"],
+                   lambda sd, x: torch.nn.functional.gelu(x @ sd["0.weight"].T + sd["0.bias"]) @ sd["2.weight"].T
+                   + sd["2.bias"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PROJECTOR_GOLDEN))
+def test_projector_registry_golden(kind):
+    from llava_sft.model.projector import PROJECTORS
+
+    assert set(PROJECTORS) <= set(PROJECTOR_GOLDEN), "a registered projector has no golden case"
+    torch.manual_seed(0)
+    proj = build_projector(kind, 16, 16)
+    keys, formula = PROJECTOR_GOLDEN[kind]
+    sd = proj.state_dict()
+    assert sorted(sd) == keys
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(proj(x), formula(sd, x), rtol=1e-5, atol=1e-6)
+
+
+def test_register_projector():
+    from llava_sft.model.projector import PROJECTORS, register_projector
+
+    @register_projector("test_scaled_linear")
+    def scaled(vision_dim, llm_dim):
+        return torch.nn.Sequential(torch.nn.LayerNorm(vision_dim), torch.nn.Linear(vision_dim, llm_dim))
+
+    try:
+        assert build_projector("test_scaled_linear", 8, 4)(torch.randn(3, 8)).shape == (3, 4)
+        with pytest.raises(ValueError, match="registered twice"):
+            register_projector("test_scaled_linear")(scaled)
+    finally:
+        PROJECTORS.pop("test_scaled_linear")
+
+
 def make_model(tokenizer_dir, seed: int = 0, **kw) -> LlavaModel:
     torch.manual_seed(seed)
     cfg = from_dict(ModelConfig, model_dict(tokenizer_dir, **kw))
