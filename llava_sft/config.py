@@ -34,6 +34,11 @@ class DataConfig:
     check_images_at_start: bool = True  # stat every image file before training starts
     group_by_modality: bool = False  # LLaVA-1.5 group_by_modality_length batches
     num_workers: int = 2
+    # Padding-free packing (data/packing.py): each rank's share of a global batch is packed into rows of at most
+    # pack_max_tokens tokens (after image expansion; None = max_length), train.micro_batch_size rows per forward
+    # pass; attention never crosses a sample boundary and the loss is exactly that of the unpacked batch.
+    packing: bool = False
+    pack_max_tokens: int | None = None
 
 
 @dataclass

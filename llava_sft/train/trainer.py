@@ -9,6 +9,10 @@ whole global batch (all micro-batches, all ranks) are counted, and each micro-ba
 token loss is divided by that count, so accumulating k micro-batches equals one k-times-larger
 batch exactly. Then: grad clipping, AdamW, warmup + cosine schedule.
 
+With `data.packing` (data/packing.py) the same samples form each step, but a rank's share is loaded
+at once and packed into rows of `data.pack_max_tokens` tokens, `train.micro_batch_size` rows per
+forward pass: only the number of forward passes per step changes, not the loss.
+
 Distributed engines: plain DDP (`train.deepspeed: null`), or DeepSpeed ZeRO-2/3 (`train.deepspeed: <json>`,
 see train/engine.py), both launched with torchrun; the loss normalisation, optimizer and schedule are the same.
 """
@@ -33,6 +37,7 @@ from llava_sft.config import RunConfig, save_config, to_dict
 from llava_sft.constants import IGNORE_INDEX
 from llava_sft.data.dataset import Collator, LlavaJsonDataset
 from llava_sft.data.images import ImageProcessor
+from llava_sft.data.packing import PackingCollator, token_counts
 from llava_sft.data.sampler import BatchPlan
 from llava_sft.data.templates import get_template
 from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
@@ -132,9 +137,44 @@ def build(cfg: RunConfig, device: torch.device):
     processor = ImageProcessor(tower.image_size, tower.image_mean, tower.image_std, cfg.model.image_aspect)
     dataset = LlavaJsonDataset(
         cfg.data.path, cfg.data.image_folder, tokenizer, template, processor, model.tokens_per_image,
-        cfg.data.max_length, cfg.data.overlong, cfg.data.bad_samples, cfg.data.check_images_at_start,
+        sample_max_length(cfg), cfg.data.overlong, cfg.data.bad_samples, cfg.data.check_images_at_start,
     )
     return model.to_device(device), tokenizer, dataset
+
+
+def pack_budget(cfg: RunConfig) -> int | None:
+    """Tokens per packed row (None without packing)."""
+    if not cfg.data.packing:
+        return None
+    budget = cfg.data.pack_max_tokens or cfg.data.max_length
+    if budget < 1:
+        raise ValueError(f"data.pack_max_tokens must be positive, got {budget}")
+    return budget
+
+
+def sample_max_length(cfg: RunConfig) -> int:
+    """The over-long policy's limit: a packed row holds at least one whole sample."""
+    budget = pack_budget(cfg)
+    return cfg.data.max_length if budget is None else min(cfg.data.max_length, budget)
+
+
+def make_collator(cfg: RunConfig, tokenizer, tokens_per_image: int):
+    budget = pack_budget(cfg)
+    if budget is None:
+        return Collator(tokenizer.pad_token_id)
+    return PackingCollator(tokenizer.pad_token_id, tokens_per_image, budget, cfg.train.micro_batch_size)
+
+
+def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan:
+    """The batch plan; with packing, a rank's share of a global batch is one unit (packed by the collator)."""
+    t_cfg = cfg.train
+    micro = t_cfg.global_batch_size // world if cfg.data.packing else t_cfg.micro_batch_size
+    if cfg.data.packing and t_cfg.global_batch_size % world:
+        raise ValueError(f"train.global_batch_size ({t_cfg.global_batch_size}) must be a multiple of the world "
+                         f"size ({world})")
+    return BatchPlan([dataset.approx_length(i) for i in range(len(dataset))],
+                     [dataset.has_image(i) for i in range(len(dataset))], t_cfg.global_batch_size,
+                     micro, world, rank, t_cfg.seed, cfg.data.group_by_modality)
 
 
 def train(cfg: RunConfig) -> Path:
@@ -171,9 +211,7 @@ def train(cfg: RunConfig) -> Path:
     log_trainable(model.set_trainable(t_cfg.train_projector, t_cfg.train_llm))
     if t_cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    plan = BatchPlan([dataset.approx_length(i) for i in range(len(dataset))],
-                     [dataset.has_image(i) for i in range(len(dataset))], t_cfg.global_batch_size,
-                     t_cfg.micro_batch_size, world, rank, t_cfg.seed, cfg.data.group_by_modality)
+    plan = make_plan(cfg, dataset, world, rank)
     total_steps = t_cfg.max_steps or math.ceil(t_cfg.epochs * plan.steps_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -198,11 +236,17 @@ def train(cfg: RunConfig) -> Path:
     step = 0
     if resume_from is not None:
         step = _restore(resume_from, model, optimizer, scheduler, dataset, n_startup_skips, plan, cfg, rank, ds)
-    log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d accumulation x %d micro",
-             len(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
-             plan.accumulation_steps, t_cfg.micro_batch_size)
+    if cfg.data.packing:
+        log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d samples, packed "
+                 "into rows of <= %d tokens, %d row(s) per forward pass (%s attention)", len(dataset),
+                 plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world, plan.micro_batch_size,
+                 pack_budget(cfg), t_cfg.micro_batch_size, model.attn_implementation)
+    else:
+        log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d accumulation x %d "
+                 "micro", len(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
+                 plan.accumulation_steps, t_cfg.micro_batch_size)
     metrics = MetricsLogger(run_dir, is_main, t_cfg.tensorboard, t_cfg.wandb_project, cfg.run_name, to_dict(cfg), resume_step=step)
-    collate = Collator(tokenizer.pad_token_id)
+    collate = make_collator(cfg, tokenizer, model.tokens_per_image)
     use_autocast = device.type == "cuda" and t_cfg.bf16 and not (ds is not None and ds.bf16)  # DS bf16: bf16 weights
     from tqdm import tqdm
 
@@ -213,7 +257,8 @@ def train(cfg: RunConfig) -> Path:
         if batches is None or in_epoch == 0:
             batches = _epoch_loader(dataset, plan, epoch, in_epoch, collate, cfg.data.num_workers)
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(plan.accumulation_steps)]
+        # packing: one loader item is this rank's whole share, already split into packed micro-batches
+        micro = next(batches) if cfg.data.packing else [next(batches) for _ in range(plan.accumulation_steps)]
         t_data = time.perf_counter() - t0
         row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, dataset.report, ds)
         step += 1
@@ -250,17 +295,25 @@ def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_
     """
     if ds is not None:
         # ZeRO's collectives run in every micro-batch's forward (ZeRO-3) and backward: every rank runs the same
-        # number of them, a micro-batch whose samples were all skipped being a no-op batch
+        # number of them, a micro-batch whose samples were all skipped being a no-op batch (and with packing,
+        # where the number of micro-batches varies, a rank with fewer runs no-op batches to the largest count)
         micro = [b if "input_ids" in b else _no_op_batch() for b in micro]
+        if world > 1:
+            most = torch.tensor([len(micro)])
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            micro += [_no_op_batch() for _ in range(int(most) - len(micro))]
     micro = [b for b in micro if "input_ids" in b]
     if not micro and ddp is not None:
         # every sample of this rank's micro-batches was skipped: still join the gradient all-reduce
         # (with zero loss), or the other ranks would wait for this one forever
         micro = [_no_op_batch()]
     n_local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro)
-    stats = all_reduce_sum(torch.tensor([float(n_local), float(sum(len(b["ids"]) for b in micro))]), world)
+    counts = [token_counts(b, model.tokens_per_image) for b in micro]  # (real tokens, computed slots)
+    stats = all_reduce_sum(torch.tensor([float(n_local), float(sum(len(b["ids"]) for b in micro)),
+                                         float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts))],
+                                        dtype=torch.float64), world)
     n_global = max(stats[0].item(), 1.0)
-    loss_total, tokens = torch.zeros((), device=device), 0
+    loss_total = torch.zeros((), device=device)
     module = ds.engine if ds is not None else ddp if ddp is not None else model
     for i, batch in enumerate(micro):
         sync = ddp is None or i == len(micro) - 1
@@ -276,9 +329,10 @@ def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_
             else:
                 (loss_sum * (world / n_global)).backward()
         loss_total += loss_sum.detach()
-        tokens += int(batch["attention_mask"].sum()) * bool(batch["ids"]) + int(batch["images"].shape[0]) * (model.tokens_per_image - 1)
     loss = all_reduce_sum(loss_total, world).item() / n_global
-    return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens * world, "samples": int(stats[1].item())}
+    tokens, slots = int(stats[2].item()), int(stats[3].item())
+    return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens,
+            "real_token_frac": round(tokens / slots, 4) if slots else 0.0, "samples": int(stats[1].item())}
 
 
 def _no_op_batch() -> dict:
