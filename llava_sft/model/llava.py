@@ -147,16 +147,20 @@ class LlavaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, images=None, labels=None):
         """Returns (sum of token losses, number of supervised tokens); the caller normalises."""
+        anchor = None
+        if features_unused(images) and torch.is_grad_enabled():
+            # A text-only batch still runs the vision tower and the projector, on one blank image whose output
+            # counts zero times, before the LLM as an image batch does: DDP and ZeRO expect a gradient for every
+            # trainable parameter, and ZeRO-3's module hooks issue collectives, so every rank must call the same
+            # modules in the same order whatever the modality of its micro-batch (else two ranks hang).
+            size = self.vision_tower.image_size
+            anchor = self.encode_images(torch.zeros(1, 3, size, size, device=input_ids.device)).sum() * 0.0
         logits, labels = self.logits_and_labels(input_ids, attention_mask, images, labels)
         logits = logits[:, :-1].float()
         targets = labels[:, 1:]
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-        if features_unused(images) and any(p.requires_grad for p in self.projector.parameters()):
-            # keep the projector in the autograd graph on text-only batches (DDP/ZeRO expect every grad): run it
-            # on zero images, so that its parameters are also gathered on every rank under ZeRO-3 (zero gradients)
-            empty = torch.zeros(0, self.tokens_per_image, self.vision_tower.hidden_size, device=input_ids.device,
-                                dtype=next(self.projector.parameters()).dtype)
-            loss_sum = loss_sum + self.projector(empty).sum() * 0.0
+        if anchor is not None:
+            loss_sum = loss_sum + anchor
         return loss_sum, targets.ne(IGNORE_INDEX).sum()
 
     @torch.no_grad()

@@ -166,7 +166,8 @@ def make_collator(cfg: RunConfig, tokenizer, tokens_per_image: int):
 
 
 def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan:
-    """The batch plan; with packing, a rank's share of a global batch is one unit (packed by the collator)."""
+    """The batch plan; with packing, a rank's share of a global batch is one unit (packed by the collator),
+    strided over the batch so that the ranks get similar lengths."""
     t_cfg = cfg.train
     micro = t_cfg.global_batch_size // world if cfg.data.packing else t_cfg.micro_batch_size
     if cfg.data.packing and t_cfg.global_batch_size % world:
@@ -174,7 +175,7 @@ def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan:
                          f"size ({world})")
     return BatchPlan([dataset.approx_length(i) for i in range(len(dataset))],
                      [dataset.has_image(i) for i in range(len(dataset))], t_cfg.global_batch_size,
-                     micro, world, rank, t_cfg.seed, cfg.data.group_by_modality)
+                     micro, world, rank, t_cfg.seed, cfg.data.group_by_modality, strided_shares=cfg.data.packing)
 
 
 def train(cfg: RunConfig) -> Path:
