@@ -123,14 +123,19 @@ def alone(model, samples) -> dict[str, torch.Tensor]:
     return {s["id"]: per_sample_logits(model, collate([s]))[s["id"]] for s in samples}
 
 
-def test_pack_rows_first_fit_decreasing():
+def test_pack_rows_few_even_rows():
     lengths = [5, 9, 3, 7, 2, 6, 4]
     rows = pack_rows(lengths, budget=10)
     assert sorted(i for row in rows for i in row) == list(range(7))  # every sample exactly once
     assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
-    assert rows == [[1], [3, 2], [5, 6], [0, 4]]  # 9 | 7+3 | 6+4 | 5+2: longest first, first row with room
+    # 36 tokens need 4 rows of 10 (first-fit decreasing: 9 | 7+3 | 6+4 | 5+2); filled evenly: 9 tokens each
+    assert len(rows) == 4 and [sum(lengths[i] for i in row) for row in rows] == [9, 9, 9, 9]
+    assert rows == [[1], [3, 4], [5, 2], [0, 6]]  # longest first; then the emptiest row with room
     assert pack_rows(lengths, 10) == rows  # deterministic
     assert pack_rows([4, 4], budget=8) == [[0, 1]]  # exactly full
+    assert pack_rows([6, 6, 6], budget=8) == [[0], [1], [2]]
+    # filling 3 rows evenly would leave 41 without room (90+46 | 79+53 | 64+60): the first-fit rows then
+    assert pack_rows([90, 79, 64, 60, 53, 46, 41], budget=160) == [[0, 2], [4, 5, 6], [1, 3]]
     with pytest.raises(ValueError, match="does not fit data.pack_max_tokens=8"):
         pack_rows([3, 9], budget=8)
 

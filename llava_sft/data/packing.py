@@ -5,9 +5,10 @@ gets the same share of it, as without packing. With packing a rank's whole share
 packed into rows of at most `data.pack_max_tokens` tokens, counted after image expansion (an image's
 tokens are never split: a sample is placed whole; a sample longer than the budget was already cut or
 dropped by the over-long policy, the dataset's max length being min(max_length, pack_max_tokens)).
-Rows are filled first-fit decreasing (longest sample first, ties by position: deterministic), and
-`train.micro_batch_size` consecutive rows form one micro-batch (one forward pass), so the number of
-micro-batches of a step varies with the sample lengths.
+There are as many rows as first-fit decreasing needs, filled evenly (so that rows sharing a
+micro-batch pad little; deterministic), and `train.micro_batch_size` consecutive rows, longest
+first, form one micro-batch (one forward pass), so the number of micro-batches of a step varies
+with the sample lengths.
 
 Layout of a packed micro-batch (what `Collator` gives, with two differences):
   attention_mask  segment ids, 0 = padding, k = the k-th sample of the row (a 0/1 mask is the unpacked case)
@@ -31,20 +32,35 @@ def expanded_length(input_ids: torch.Tensor, tokens_per_image: int) -> int:
 
 
 def pack_rows(lengths: list[int], budget: int) -> list[list[int]]:
-    """First-fit decreasing: indices of `lengths` grouped into rows whose lengths sum to <= budget."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if lengths[i] > budget:
-            raise ValueError(f"a sample of {lengths[i]} tokens does not fit data.pack_max_tokens={budget}")
-        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if row is None:
+    """Indices of `lengths` grouped into rows whose lengths sum to <= budget, longest row first: as few rows
+    as first-fit decreasing needs, filled evenly where that fits in as many rows (longest sample first into
+    the emptiest row with room), else the first-fit decreasing rows. Deterministic (ties by index)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    too_long = [lengths[i] for i in order if lengths[i] > budget]
+    if too_long:
+        raise ValueError(f"a sample of {too_long[0]} tokens does not fit data.pack_max_tokens={budget}")
+    fewest = _fill(order, lengths, budget, evenly=False)
+    even = _fill(order, lengths, budget, evenly=True, n_rows=len(fewest))
+    rows = even if len(even) == len(fewest) else fewest
+    load = [sum(lengths[i] for i in row) for row in rows]
+    return [rows[r] for r in sorted(range(len(rows)), key=lambda r: (-load[r], r))]
+
+
+def _fill(order: list[int], lengths: list[int], budget: int, evenly: bool, n_rows: int = 0) -> list[list[int]]:
+    """Samples in `order` into rows: the first row with room (first fit), or the emptiest with room (evenly,
+    starting from `n_rows` empty rows); a new row when none has room."""
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    load = [0] * n_rows
+    for i in order:
+        fits = [r for r in range(len(rows)) if load[r] + lengths[i] <= budget]
+        if not fits:
             rows.append([])
-            room.append(budget)
-            row = len(rows) - 1
+            load.append(0)
+            fits = [len(rows) - 1]
+        row = min(fits, key=lambda r: (load[r], r)) if evenly else fits[0]
         rows[row].append(i)
-        room[row] -= lengths[i]
-    return rows
+        load[row] += lengths[i]
+    return [row for row in rows if row]
 
 
 class PackingCollator:
