@@ -2,7 +2,7 @@
 
     python benchmarks/packing.py                                   # synthetic mix665K-like profile, tiny model, CPU
     python benchmarks/packing.py --data llava_v1_5_mix665k.json --tokenizer /models/vicuna-7b-v1.5   # measured lengths
-    python benchmarks/packing.py --scale 1 --image-tokens 576 --vision ViT-L-14-336 --llm-hidden 4096 \\
+    python benchmarks/packing.py --scale 1 --vision ViT-L-14-336 --llm-hidden 4096 \\
         --llm-layers 32 --llm-heads 32 --llm-inter 11008 --micro 16 --pack-max-tokens 4096 --device cuda \\
         --attn flash_attention_2                                   # a 7B-shaped run (random weights)
 
@@ -14,7 +14,8 @@ Two parts, on the same global batches (the trainer's BatchPlan; packing: the tra
    does). Packed: each rank's share in rows of `--pack-max-tokens`, `--rows` rows per forward pass, padded
    to the longest row (what sdpa computes on; the flash path drops even that padding, fraction 1).
 2. Throughput: `--steps` training steps (forward + backward, Stage 2: projector + LLM train) of a model with
-   random weights, padded vs packed, on the same samples scaled to the model: each image becomes the
+   random weights, padded vs packed, on rank 0's share of each global batch (the same samples in both modes:
+   the packed, strided share, cut into `--micro`-sample padded micro-batches), scaled to the model: each image becomes the
    tower's own number of tokens and text lengths are multiplied by `--scale` (on CPU a tiny model and short
    texts; with `--device cuda` and `--scale 1` the real shape). Tokens/s counts real tokens only.
 
@@ -90,14 +91,15 @@ def fake_sample(i: int, text: int, images: int, vocab: int, image_size: int) -> 
             "images": torch.randn(images, 3, image_size, image_size, generator=gen)}
 
 
-def steps(profile, args, image_tokens: int, world_ranks: range) -> tuple[list[list[list[int]]], list[list[int]]]:
-    """Per step and rank: padded micro-batches (lists of indices) and the packed share."""
+def steps(profile, args, image_tokens: int, world_ranks: range, strided: bool = False):
+    """Per step: the padded micro-batches (lists of indices) and the packed shares of `world_ranks`.
+    `strided`: padded shares strided as packed ones (the same samples per rank in both modes)."""
     lengths = [t + images * image_tokens for t, images in profile]
     has_image = [images > 0 for _, images in profile]
     padded, packed = [], []
     for rank in world_ranks:
         plain = BatchPlan(lengths, has_image, args.global_batch, args.micro, args.world, rank, args.seed,
-                          args.group_by_modality)
+                          args.group_by_modality, strided_shares=strided)
         share = BatchPlan(lengths, has_image, args.global_batch, args.global_batch // args.world, args.world, rank,
                           args.seed, args.group_by_modality, strided_shares=True)
         for s, gb in enumerate(plain.global_batches(0)):
@@ -163,7 +165,8 @@ def throughput(profile, args) -> dict:
     model = build_model(args)
     tpi, size = model.tokens_per_image, model.vision_tower.image_size
     scaled = [(max(8, round(t * args.scale)), images) for t, images in profile]
-    padded, packed = steps(scaled, args, tpi, range(1))  # rank 0 of `--world`: one process's work per step
+    # rank 0 of `--world`: one process's work per step, the same samples in both modes
+    padded, packed = steps(scaled, args, tpi, range(1), strided=True)
     n = min(args.steps + 1, len(padded))
     samples = {}
 
