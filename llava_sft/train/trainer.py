@@ -19,6 +19,7 @@ see train/engine.py), both launched with torchrun; the loss normalisation, optim
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,8 @@ from llava_sft.data.dataset import Collator, LlavaJsonDataset
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.packing import PackingCollator, token_counts
 from llava_sft.data.sampler import BatchPlan
+from llava_sft.data.shards import ShardDataset
+from llava_sft.data.stream import StreamPlan
 from llava_sft.data.templates import get_template
 from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
 from llava_sft.train import checkpoint as ckpt
@@ -116,8 +120,10 @@ def log_trainable(report: dict[str, tuple[int, int]]) -> None:
 
 
 # ------------------------------------------------------------------------------ train
-def build(cfg: RunConfig, device: torch.device):
-    """Model, tokenizer, dataset for a run config (also used by tests)."""
+def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
+    """Model, tokenizer, dataset for a run config (also used by tests); with data.shards the dataset is this
+    rank's stream."""
+    check_data_source(cfg)
     tok_path = cfg.model.tokenizer or cfg.model.llm.path
     if not tok_path:
         raise ValueError("model.tokenizer is required when the LLM is built from a config")
@@ -135,10 +141,13 @@ def build(cfg: RunConfig, device: torch.device):
         model.load_projector(cfg.train.pretrained_projector)
     tower = model.vision_tower
     processor = ImageProcessor(tower.image_size, tower.image_mean, tower.image_std, cfg.model.image_aspect)
-    dataset = LlavaJsonDataset(
-        cfg.data.path, cfg.data.image_folder, tokenizer, template, processor, model.tokens_per_image,
-        sample_max_length(cfg), cfg.data.overlong, cfg.data.bad_samples, cfg.data.check_images_at_start,
-    )
+    args = (tokenizer, template, processor, model.tokens_per_image, sample_max_length(cfg), cfg.data.overlong,
+            cfg.data.bad_samples)
+    if cfg.data.shards:
+        dataset = ShardDataset(cfg.data.shards, *args, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
+                               rank=rank, world_size=world)
+    else:
+        dataset = LlavaJsonDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start)
     return model.to_device(device), tokenizer, dataset
 
 
@@ -165,10 +174,20 @@ def make_collator(cfg: RunConfig, tokenizer, tokens_per_image: int):
     return PackingCollator(tokenizer.pad_token_id, tokens_per_image, budget, cfg.train.micro_batch_size)
 
 
-def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan:
+def check_data_source(cfg: RunConfig) -> None:
+    if bool(cfg.data.path) == bool(cfg.data.shards):
+        raise ValueError("set exactly one of data.path (a LLaVA JSON) and data.shards (a shard directory); to train "
+                         "from shards with a config that names a JSON, add data.path=''")
+    if cfg.data.shards and cfg.data.group_by_modality:
+        raise ValueError("data.group_by_modality needs data.path: a stream from data.shards is not grouped")
+
+
+def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan | StreamPlan:
     """The batch plan; with packing, a rank's share of a global batch is one unit (packed by the collator),
-    strided over the batch so that the ranks get similar lengths."""
+    strided over the batch so that the ranks get similar lengths. From shards: the stream's plan."""
     t_cfg = cfg.train
+    if isinstance(dataset, ShardDataset):
+        return StreamPlan(dataset, t_cfg.global_batch_size, t_cfg.micro_batch_size, world, cfg.data.packing)
     micro = t_cfg.global_batch_size // world if cfg.data.packing else t_cfg.micro_batch_size
     if cfg.data.packing and t_cfg.global_batch_size % world:
         raise ValueError(f"train.global_batch_size ({t_cfg.global_batch_size}) must be a multiple of the world "
@@ -207,7 +226,7 @@ def train(cfg: RunConfig) -> Path:
 
     if ds is not None:
         ds.before_model_build()  # ZeRO-3: the LLM is loaded partitioned
-    model, tokenizer, dataset = build(cfg, device)
+    model, tokenizer, dataset = build(cfg, device, rank, world)
     n_startup_skips = len(dataset.report.skipped)  # the same on every rank; runtime skips come after
     log_trainable(model.set_trainable(t_cfg.train_projector, t_cfg.train_llm))
     if t_cfg.gradient_checkpointing:
@@ -239,12 +258,12 @@ def train(cfg: RunConfig) -> Path:
         step = _restore(resume_from, model, optimizer, scheduler, dataset, n_startup_skips, plan, cfg, rank, ds)
     if cfg.data.packing:
         log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d samples, packed "
-                 "into rows of <= %d tokens, %d row(s) per forward pass (%s attention)", len(dataset),
+                 "into rows of <= %d tokens, %d row(s) per forward pass (%s attention)", dataset_size(dataset),
                  plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world, plan.micro_batch_size,
                  pack_budget(cfg), t_cfg.micro_batch_size, model.attn_implementation)
     else:
         log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d accumulation x %d "
-                 "micro", len(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
+                 "micro", dataset_size(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
                  plan.accumulation_steps, t_cfg.micro_batch_size)
     metrics = MetricsLogger(run_dir, is_main, t_cfg.tensorboard, t_cfg.wandb_project, cfg.run_name, to_dict(cfg), resume_step=step)
     collate = make_collator(cfg, tokenizer, model.tokens_per_image)
@@ -256,10 +275,9 @@ def train(cfg: RunConfig) -> Path:
     while step < total_steps:
         epoch, in_epoch = divmod(step, plan.steps_per_epoch)
         if batches is None or in_epoch == 0:
-            batches = _epoch_loader(dataset, plan, epoch, in_epoch, collate, cfg.data.num_workers)
+            batches = epoch_steps(plan, dataset, epoch, in_epoch, collate, cfg.data.num_workers)
         t0 = time.perf_counter()
-        # packing: one loader item is this rank's whole share, already split into packed micro-batches
-        micro = next(batches) if cfg.data.packing else [next(batches) for _ in range(plan.accumulation_steps)]
+        micro = next(batches)
         t_data = time.perf_counter() - t0
         row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, dataset.report, ds)
         step += 1
@@ -367,12 +385,28 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
     return row
 
 
-def _epoch_loader(dataset, plan: BatchPlan, epoch: int, start: int, collate, num_workers: int):
-    """Iterator over this rank's micro-batches of `epoch`, from global batch `start` on."""
+def epoch_steps(plan: BatchPlan | StreamPlan, dataset, epoch: int, start: int, collate,
+                num_workers: int) -> Iterator[list[dict]]:
+    """This rank's micro-batches of each step of `epoch`, from step `start` on."""
+    if isinstance(plan, StreamPlan):
+        yield from plan.epoch_steps(epoch, start, collate, num_workers)
+        return
     micro = [mb for gb in plan.global_batches(epoch)[start:] for mb in plan.micro_batches(gb)]
-    loader = DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=num_workers,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available())
-    return iter(loader)
+    loader = iter(DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=num_workers,
+                             persistent_workers=False, pin_memory=torch.cuda.is_available()))
+    if isinstance(collate, PackingCollator):  # one loader item: a rank's share, already packed into micro-batches
+        yield from loader
+        return
+    while True:
+        step = list(itertools.islice(loader, plan.accumulation_steps))
+        if not step:
+            return
+        yield step
+
+
+def dataset_size(dataset) -> int:
+    """Samples in the dataset (all ranks' for a shard stream)."""
+    return dataset.num_samples if isinstance(dataset, ShardDataset) else len(dataset)
 
 
 def _flops_per_token(model: LlavaModel, train_llm: bool) -> float:
@@ -395,7 +429,9 @@ def _resume_point(resume: str, ckpt_root: Path) -> Path | None:
 
 
 # Changing these between a checkpoint and its continuation would silently change the data order.
-RESUME_MUST_MATCH = ("data.path", "train.global_batch_size", "train.seed", "data.group_by_modality")
+RESUME_MUST_MATCH = ("data.path", "data.shards", "train.global_batch_size", "train.seed", "data.group_by_modality")
+# a shard stream's order also depends on these (and on the number of ranks: checked through the per-rank files)
+STREAM_MUST_MATCH = ("data.shuffle_buffer", "data.num_workers")
 
 
 def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: int, plan, cfg, rank: int,
@@ -407,7 +443,7 @@ def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: 
         raise ValueError(f"cannot resume from {path}: it was written by the {written_by} engine and this run uses "
                          f"{now_by} (train.deepspeed must be set as it was, or use train.resume=never)")
     saved, now = state["config"], to_dict(cfg)
-    for key in RESUME_MUST_MATCH:
+    for key in RESUME_MUST_MATCH + (STREAM_MUST_MATCH if cfg.data.shards else ()):
         section, name = key.split(".")
         if saved.get(section, {}).get(name) != now[section][name]:
             raise ValueError(f"cannot resume from {path}: {key} was {saved.get(section, {}).get(name)!r} and is now "
@@ -485,7 +521,7 @@ def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dat
     else:
         model.save_projector(run_dir, extra, state_dict)
     report = {
-        "steps": total_steps, "samples": len(dataset),
+        "steps": total_steps, "samples": dataset_size(dataset),
         "repeated_to_fill_last_batch_per_epoch": plan.repeated_per_epoch(),
         "rejected_or_skipped": dataset.report.counts(), "truncated": dataset.report.truncated,
     }
