@@ -12,6 +12,9 @@ Usage::
         ds.set_epoch(epoch)          # before iter(loader); not with persistent_workers=True
         for batch in loader: ...
 
+Training from shards: `data.shards: SHARD_DIR` (llava_sft/data/stream.py builds the steps and the resume
+position on top of this reader).
+
 On disk (see `data_prep/make_shards.py`): `SHARD_DIR/manifest.json` (shard names and sample
 counts, in order) and `SHARD_DIR/shard-NNNNNN.tar`, where each sample is `KEY.json` (the LLaVA
 record: id, image path(s), conversations) plus `KEY.0.<ext>`, `KEY.1.<ext>`... (the original image
