@@ -12,7 +12,8 @@ implementation (`llm.config._attn_implementation`):
 * `sdpa`: a 4-D boolean mask [B, 1, T, T], True where query q may attend key k: same sample and k <= q.
   transformers passes a 4-D mask through unchanged (`create_causal_mask` returns it as is) to
   `scaled_dot_product_attention`. Position ids alone would not isolate samples here.
-* anything else (`eager`, `flex_attention`): the same mask as an additive float mask (0 / dtype min).
+* `eager`: the same mask as an additive float mask (0 / dtype min); any other implementation gets that too
+  (untested: sdpa, eager and the varlen path are what tests/test_packing.py checks).
 
 A padding slot attends only to itself, so no softmax row is empty (no NaN) and no real token sees it.
 The labels are flattened with the inputs in the flash case: the caller shifts them as usual, and
