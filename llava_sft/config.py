@@ -27,6 +27,9 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = ""  # LLaVA-format JSON (list of {"id", "image"?, "conversations"})
     image_folder: str = ""  # image paths in the JSON are relative to this folder
+    # or: webdataset shards (data_prep.make_shards), a directory or its manifest.json, streamed (data/stream.py)
+    shards: str | None = None
+    shuffle_buffer: int = 1000  # shards: per-worker shuffle buffer (samples); 0 = stream order
     template: str = "plain"  # chat template for training (plain for Stage 1, vicuna_v1 for Stage 2)
     max_length: int = 2048  # tokens after image expansion
     overlong: str = "truncate"  # "truncate" (text after the last image only) or "drop"; both counted
@@ -34,6 +37,11 @@ class DataConfig:
     check_images_at_start: bool = True  # stat every image file before training starts
     group_by_modality: bool = False  # LLaVA-1.5 group_by_modality_length batches
     num_workers: int = 2
+    # Padding-free packing (data/packing.py): each rank's share of a global batch is packed into rows of at most
+    # pack_max_tokens tokens (after image expansion; None = max_length), train.micro_batch_size rows per forward
+    # pass; attention never crosses a sample boundary and the loss is exactly that of the unpacked batch.
+    packing: bool = False
+    pack_max_tokens: int | None = None
 
 
 @dataclass

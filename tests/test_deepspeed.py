@@ -23,7 +23,7 @@ from llava_sft.config import save_config
 from llava_sft.model.llava import LlavaModel
 from llava_sft.train.engine import DeepSpeedConfigError
 from llava_sft.train.trainer import train
-from tests.tiny import run_config
+from tests.tiny import forward_passes, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs" / "deepspeed"
@@ -205,3 +205,45 @@ def test_zero3_rank_whose_samples_are_all_skipped_does_not_hang(llama_tokenizer_
     a = json.loads((tmp_path / "zero3" / "report.json").read_text())
     b = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert a["rejected_or_skipped"] == b["rejected_or_skipped"] and sum(a["rejected_or_skipped"].values()) > 0
+
+
+@pytest.mark.timeout(420)
+def test_zero3_with_packing_matches_one_unpacked_process(llama_tokenizer_dir, shapes, tmp_path):
+    """Packing (data.packing) gives the ranks different numbers of forward passes in a step. Under ZeRO-3 every
+    forward gathers parameters collectively, so the rank with fewer runs no-op batches up to the other's count;
+    the losses are those of one plain unpacked process with the same global batch."""
+    def config(name, packing, **kw):
+        cfg = stage2_from_pretrained(llama_tokenizer_dir, shapes, tmp_path, name, global_batch_size=8,
+                                     micro_batch_size=1 if packing else 2, **kw)
+        cfg.data.packing, cfg.data.pack_max_tokens = packing, 150
+        return cfg
+
+    assert any(len(set(per_rank)) > 1 for per_rank in forward_passes(config("probe", True), 2, 4))
+    train(config("plain", False))
+    torchrun(config("zero3", True, deepspeed=str(ds_json(tmp_path, "zero3.json"))), tmp_path, "zero3", 29751)
+    got, want = rows(tmp_path / "zero3"), rows(tmp_path / "plain")
+    assert len(got) == 4 and [r["samples"] for r in got] == [8] * 4
+    assert [r["supervised_tokens"] for r in got] == [r["supervised_tokens"] for r in want]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=REL)
+
+
+@pytest.mark.timeout(420)
+def test_zero3_image_and_text_only_micro_batches_side_by_side(llama_tokenizer_dir, shapes, tmp_path):
+    """Without modality grouping one rank may run a text-only micro-batch while the other runs images. ZeRO-3
+    gathers parameters in module hooks, collectively: both must call the same modules in the same order (a
+    text-only batch runs the tower on a blank image), or the ranks hang. Losses: those of one plain process."""
+    from llava_sft.train.trainer import build, make_plan
+
+    def config(name, **kw):
+        return stage2_from_pretrained(llama_tokenizer_dir, shapes, tmp_path, name, global_batch_size=8,
+                                      micro_batch_size=1, **kw)
+
+    _, _, dataset = build(config("probe"), torch.device("cpu"))
+    plans = [make_plan(config("probe"), dataset, 2, rank) for rank in range(2)]
+    modalities = [[[dataset.has_image(i) for mb in p.micro_batches(gb) for i in mb] for gb in p.global_batches(0)]
+                  for p in plans]
+    assert any(a != b for a, b in zip(*modalities))  # the situation under test occurs
+    train(config("plain"))
+    torchrun(config("zero3", deepspeed=str(ds_json(tmp_path, "zero3.json"))), tmp_path, "zero3", 29761)
+    got, want = rows(tmp_path / "zero3"), rows(tmp_path / "plain")
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=REL)

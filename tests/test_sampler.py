@@ -52,3 +52,17 @@ def test_ranks_split_each_global_batch_into_disjoint_micro_batches():
 def test_indivisible_global_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="multiple of world_size x micro_batch_size"):
         BatchPlan([1] * 10, [True] * 10, global_batch_size=10, micro_batch_size=4)
+
+
+def test_strided_shares_split_a_sorted_batch_evenly():
+    """Packing takes strided rank shares: each rank gets long and short samples of a length-sorted batch."""
+    shares = {}
+    for rank in range(2):
+        p = BatchPlan([(i * 37) % 101 for i in range(40)], [True] * 40, global_batch_size=8, micro_batch_size=4,
+                      world_size=2, rank=rank, group_by_modality=True, strided_shares=True)
+        batch = p.global_batches(0)[0]
+        [shares[rank]] = p.micro_batches(batch)
+        assert shares[rank] == batch[rank::2]
+    assert sorted(shares[0] + shares[1]) == sorted(batch)  # the whole global batch, no sample twice
+    lengths = [(i * 37) % 101 for i in range(40)]
+    assert lengths[shares[0][0]] >= lengths[shares[1][0]] >= lengths[shares[0][1]]  # interleaved, not halves

@@ -40,3 +40,23 @@ def run_config(tokenizer_dir, data_dir, out_dir, stage: int, **train) -> RunConf
         "train": {"output_dir": str(out_dir), "global_batch_size": 8, "micro_batch_size": 4, "max_steps": 3,
                   "warmup_ratio": 0.0, "seed": 0, **stage_train, **train},
     })
+
+
+def forward_passes(cfg: RunConfig, world: int, steps: int) -> list[list[int]]:
+    """With data.packing: how many packed micro-batches (forward passes) each rank runs in each of the first
+    `steps` steps of epoch 0, computed from the data as the trainer plans it."""
+    import torch
+
+    from llava_sft.train.trainer import build, make_collator, make_plan
+
+    _, tokenizer, dataset = build(cfg, torch.device("cpu"))
+    collate = make_collator(cfg, tokenizer, dataset.tokens_per_image)
+    counts = []
+    for step in range(steps):
+        per_rank = []
+        for rank in range(world):
+            plan = make_plan(cfg, dataset, world, rank)
+            [share] = plan.micro_batches(plan.global_batches(0)[step])
+            per_rank.append(len(collate([dataset[i] for i in share])))
+        counts.append(per_rank)
+    return counts

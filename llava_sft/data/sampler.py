@@ -8,6 +8,10 @@ batch is split into `world_size` contiguous rank shares, and each share into mic
 image samples or only text-only samples, sorted by length inside the batch so micro-batches pad
 little; the leftovers of both modalities form one final mixed batch.
 
+`strided_shares=True` (used with packing) gives rank r the samples r, r + world_size, ... of a
+global batch instead of a contiguous share: with length-sorted (modality-grouped) batches every
+rank then gets long and short samples alike, so packed ranks do similar work per step.
+
 The last global batch of an epoch is filled up to full size with samples from the start of the
 epoch's order (as DistributedSampler pads), so every step has the same global batch size; the
 number of repeated samples is reported.
@@ -19,7 +23,8 @@ import torch
 
 class BatchPlan:
     def __init__(self, lengths: list[int], has_image: list[bool], global_batch_size: int, micro_batch_size: int,
-                 world_size: int = 1, rank: int = 0, seed: int = 0, group_by_modality: bool = False):
+                 world_size: int = 1, rank: int = 0, seed: int = 0, group_by_modality: bool = False,
+                 strided_shares: bool = False):
         if global_batch_size % (world_size * micro_batch_size):
             raise ValueError(
                 f"train.global_batch_size ({global_batch_size}) must be a multiple of "
@@ -30,7 +35,7 @@ class BatchPlan:
         self.lengths, self.has_image = lengths, has_image
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.world_size, self.rank, self.seed = world_size, rank, seed
-        self.group_by_modality = group_by_modality
+        self.group_by_modality, self.strided_shares = group_by_modality, strided_shares
         self.accumulation_steps = global_batch_size // (world_size * micro_batch_size)
 
     @property
@@ -65,5 +70,8 @@ class BatchPlan:
     def micro_batches(self, global_batch: list[int]) -> list[list[int]]:
         """This rank's micro-batches of one global batch."""
         share = self.global_batch_size // self.world_size
-        mine = global_batch[self.rank * share:(self.rank + 1) * share]
+        if self.strided_shares:
+            mine = global_batch[self.rank::self.world_size]
+        else:
+            mine = global_batch[self.rank * share:(self.rank + 1) * share]
         return [mine[i:i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)]

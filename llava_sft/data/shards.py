@@ -12,6 +12,9 @@ Usage::
         ds.set_epoch(epoch)          # before iter(loader); not with persistent_workers=True
         for batch in loader: ...
 
+Training from shards: `data.shards: SHARD_DIR` (llava_sft/data/stream.py builds the steps and the resume
+position on top of this reader).
+
 On disk (see `data_prep/make_shards.py`): `SHARD_DIR/manifest.json` (shard names and sample
 counts, in order) and `SHARD_DIR/shard-NNNNNN.tar`, where each sample is `KEY.json` (the LLaVA
 record: id, image path(s), conversations) plus `KEY.0.<ext>`, `KEY.1.<ext>`... (the original image
@@ -57,7 +60,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from llava_sft.data.dataset import fit_length, image_list
+from llava_sft.data.dataset import SkipReport, fit_length, image_list
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import BadSampleError, ChatTemplate
 from llava_sft.data.tokenize import tokenize_conversation
@@ -108,7 +111,8 @@ class ShardDataset(IterableDataset):
         self.overlong, self.bad_samples = overlong, bad_samples
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size, self.pad_ranks = rank, world_size, pad_ranks
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
+        self.report = SkipReport()  # filled by the trainer from the skips its batches report
 
         self.shard_dir, self.manifest = load_manifest(shard_dir_or_manifest)
         self.shards: list[tuple[Path, int]] = []
@@ -136,8 +140,11 @@ class ShardDataset(IterableDataset):
                      counts[rank])
 
     # ------------------------------------------------------------------ split
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch to stream; `skip`: how many samples of this rank's epoch a DataLoader over this dataset
+        (`batch_size=None`, any number of workers) has already yielded: they are passed over without being
+        decoded, so iteration resumes exactly after them (a DataLoader takes its workers' samples in turn)."""
+        self.epoch, self.skip = epoch, skip
 
     def _padded_total(self) -> int:
         if not self.pad_ranks:
@@ -191,13 +198,19 @@ class ShardDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        # Resuming after `self.skip` samples: a DataLoader takes its workers' samples in turn from worker 0, an
+        # uninterrupted epoch's next sample came from worker skip % num_workers, so worker w now streams what
+        # worker (w + skip) % num_workers streamed then, past the samples of it already taken.
+        worker = (worker + self.skip) % num_workers
         epoch = self.epoch
         raw = self._raw_samples(self._positions(epoch, worker, num_workers))
         if self.shuffle_buffer > 0:
             raw = _buffer_shuffle(raw, self.shuffle_buffer,
                                   random.Random(f"buffer-{self.seed}-{epoch}-{self.rank}-{worker}"))
-        for shard, key, fields in raw:
-            yield self._sample(shard, key, fields)
+        skip = len(range(worker, self.skip, num_workers))  # this worker's samples among those already taken
+        for n, (shard, key, fields) in enumerate(raw):
+            if n >= skip:
+                yield self._sample(shard, key, fields)
 
     def _raw_samples(self, plan):
         for s, positions in plan:

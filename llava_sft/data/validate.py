@@ -68,6 +68,9 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
     from llava_sft.model.llava import load_tokenizer
 
     data = cfg.data
+    if not data.path:
+        raise ValueError("validate checks the LLaVA JSON of data.path (for shards: validate the JSON they were made "
+                         "from, with data.path=FILE.json)")
     folder = Path(data.image_folder)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.llm.path, use_fast=cfg.model.tokenizer_use_fast)
     template = get_template(data.template, cfg.model.system_prompt)

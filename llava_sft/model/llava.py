@@ -23,6 +23,7 @@ from torch import nn
 
 from llava_sft.constants import IGNORE_INDEX
 from llava_sft.model.lora import LoraSettings, attach_lora, is_adapter_param, is_lora, load_lora, quantization_config
+from llava_sft.model.packed_attention import llm_inputs
 from llava_sft.model.projector import build_projector
 from llava_sft.model.splice import splice_images
 from llava_sft.model.vision import VisionConfig, build_vision_tower
@@ -132,22 +133,34 @@ class LlavaModel(nn.Module):
         features = self.encode_images(images) if images is not None and images.shape[0] > 0 else None
         return splice_images(input_ids, attention_mask, features, self.llm.get_input_embeddings(), labels, padding_side)
 
+    @property
+    def attn_implementation(self) -> str:
+        return getattr(self.llm.config, "_attn_implementation", None) or self.cfg.llm.attn_implementation
+
+    def logits_and_labels(self, input_ids, attention_mask, images=None, labels=None):
+        """LLM logits and the labels aligned with them (unshifted). `attention_mask` may hold the segment ids
+        of packed rows (data/packing.py); the logits are then [1, N, V] over the real tokens, row by row, on
+        the flash (varlen) path and [B, T, V] otherwise (see model/packed_attention.py)."""
+        batch = self.embed(input_ids, attention_mask, images, labels)
+        kwargs, labels = llm_inputs(batch, self.attn_implementation)
+        return self.llm(**kwargs, use_cache=False).logits, labels
+
     def forward(self, input_ids, attention_mask, images=None, labels=None):
         """Returns (sum of token losses, number of supervised tokens); the caller normalises."""
-        batch = self.embed(input_ids, attention_mask, images, labels)
-        out = self.llm(
-            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids, use_cache=False,
-        )
-        logits = out.logits[:, :-1].float()
-        targets = batch.labels[:, 1:]
+        anchor = None
+        if features_unused(images) and torch.is_grad_enabled():
+            # A text-only batch still runs the vision tower and the projector, on one blank image whose output
+            # counts zero times, before the LLM as an image batch does: DDP and ZeRO expect a gradient for every
+            # trainable parameter, and ZeRO-3's module hooks issue collectives, so every rank must call the same
+            # modules in the same order whatever the modality of its micro-batch (else two ranks hang).
+            size = self.vision_tower.image_size
+            anchor = self.encode_images(torch.zeros(1, 3, size, size, device=input_ids.device)).sum() * 0.0
+        logits, labels = self.logits_and_labels(input_ids, attention_mask, images, labels)
+        logits = logits[:, :-1].float()
+        targets = labels[:, 1:]
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-        if features_unused(images) and any(p.requires_grad for p in self.projector.parameters()):
-            # keep the projector in the autograd graph on text-only batches (DDP/ZeRO expect every grad): run it
-            # on zero images, so that its parameters are also gathered on every rank under ZeRO-3 (zero gradients)
-            empty = torch.zeros(0, self.tokens_per_image, self.vision_tower.hidden_size, device=input_ids.device,
-                                dtype=next(self.projector.parameters()).dtype)
-            loss_sum = loss_sum + self.projector(empty).sum() * 0.0
+        if anchor is not None:
+            loss_sum = loss_sum + anchor
         return loss_sum, targets.ne(IGNORE_INDEX).sum()
 
     @torch.no_grad()

@@ -5,6 +5,12 @@ projected features of all images of the batch (in order of appearance, row by ro
 the LLM inputs: embeddings with each placeholder replaced by that image's feature tokens, labels
 set to IGNORE_INDEX at image positions, the attention mask and position ids. Text-only rows need
 no image at all. It is vectorised (no Python loop over samples) and handles left or right padding.
+
+Packed rows (data/packing.py): `attention_mask` may hold segment ids instead of 0/1 - 0 for padding,
+k for the k-th sample of its (right-padded) row. When some row holds more than one sample, the
+result also carries `segment_ids` (each output slot gets the id of its input position, image
+tokens included) and the position ids restart at 0 at every sample; model/packed_attention.py then
+keeps attention inside each sample.
 """
 from __future__ import annotations
 
@@ -19,8 +25,9 @@ from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 class SplicedBatch:
     inputs_embeds: torch.Tensor  # [B, T, D]
     attention_mask: torch.Tensor  # [B, T] (1 = real token)
-    position_ids: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T] (restarting at 0 at every sample of a packed row)
     labels: torch.Tensor | None  # [B, T]
+    segment_ids: torch.Tensor | None = None  # [B, T] packed rows only: 0 = padding, k = k-th sample of the row
 
 
 def splice_images(
@@ -33,7 +40,10 @@ def splice_images(
 ) -> SplicedBatch:
     """Replace each IMAGE_TOKEN_INDEX in `input_ids` by the matching row of `image_features` [N, P, D]."""
     B, L = input_ids.shape
-    valid = attention_mask.bool()
+    valid = attention_mask.ne(0)
+    packed = bool(attention_mask.numel()) and int(attention_mask.max()) > 1
+    if packed and padding_side != "right":
+        raise ValueError("packed rows (segment ids in attention_mask) must be right-padded")
     is_image = input_ids.eq(IMAGE_TOKEN_INDEX) & valid
     n_images = int(is_image.sum())
     n_given = 0 if image_features is None else image_features.shape[0]
@@ -67,5 +77,17 @@ def splice_images(
     slot = torch.arange(T, device=input_ids.device)[None, :]
     first = (T - lengths)[:, None] if padding_side == "left" else torch.zeros_like(lengths)[:, None]
     new_mask = (slot >= first) & (slot < first + lengths[:, None])
-    position_ids = (slot - first).clamp(min=0) * new_mask
-    return SplicedBatch(embeds, new_mask.long(), position_ids, new_labels)
+    if not packed:
+        position_ids = (slot - first).clamp(min=0) * new_mask
+        return SplicedBatch(embeds, new_mask.long(), position_ids, new_labels)
+
+    segments = attention_mask.new_zeros(B, T)
+    segments[text_b, start[text_b, text_t]] = attention_mask[text_b, text_t]
+    if n_images:
+        segments[img_b[:, None].expand(-1, P), slots] = attention_mask[img_b, img_t][:, None].expand(-1, P)
+    # a sample starts where the segment id changes; its positions count from that slot
+    changes = torch.ones_like(segments, dtype=torch.bool)
+    changes[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    sample_start = torch.where(changes, slot, 0).cummax(dim=1).values
+    position_ids = (slot - sample_start) * new_mask
+    return SplicedBatch(embeds, new_mask.long(), position_ids, new_labels, segments)

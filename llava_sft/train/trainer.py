@@ -9,12 +9,17 @@ whole global batch (all micro-batches, all ranks) are counted, and each micro-ba
 token loss is divided by that count, so accumulating k micro-batches equals one k-times-larger
 batch exactly. Then: grad clipping, AdamW, warmup + cosine schedule.
 
+With `data.packing` (data/packing.py) the same samples form each step, but a rank's share is loaded
+at once and packed into rows of `data.pack_max_tokens` tokens, `train.micro_batch_size` rows per
+forward pass: only the number of forward passes per step changes, not the loss.
+
 Distributed engines: plain DDP (`train.deepspeed: null`), or DeepSpeed ZeRO-2/3 (`train.deepspeed: <json>`,
 see train/engine.py), both launched with torchrun; the loss normalisation, optimizer and schedule are the same.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -22,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +39,10 @@ from llava_sft.config import RunConfig, save_config, to_dict
 from llava_sft.constants import IGNORE_INDEX
 from llava_sft.data.dataset import Collator, LlavaJsonDataset
 from llava_sft.data.images import ImageProcessor
+from llava_sft.data.packing import PackingCollator, token_counts
 from llava_sft.data.sampler import BatchPlan
+from llava_sft.data.shards import ShardDataset
+from llava_sft.data.stream import StreamPlan
 from llava_sft.data.templates import get_template
 from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
 from llava_sft.train import checkpoint as ckpt
@@ -111,8 +120,10 @@ def log_trainable(report: dict[str, tuple[int, int]]) -> None:
 
 
 # ------------------------------------------------------------------------------ train
-def build(cfg: RunConfig, device: torch.device):
-    """Model, tokenizer, dataset for a run config (also used by tests)."""
+def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
+    """Model, tokenizer, dataset for a run config (also used by tests); with data.shards the dataset is this
+    rank's stream."""
+    check_data_source(cfg)
     tok_path = cfg.model.tokenizer or cfg.model.llm.path
     if not tok_path:
         raise ValueError("model.tokenizer is required when the LLM is built from a config")
@@ -130,11 +141,60 @@ def build(cfg: RunConfig, device: torch.device):
         model.load_projector(cfg.train.pretrained_projector)
     tower = model.vision_tower
     processor = ImageProcessor(tower.image_size, tower.image_mean, tower.image_std, cfg.model.image_aspect)
-    dataset = LlavaJsonDataset(
-        cfg.data.path, cfg.data.image_folder, tokenizer, template, processor, model.tokens_per_image,
-        cfg.data.max_length, cfg.data.overlong, cfg.data.bad_samples, cfg.data.check_images_at_start,
-    )
+    args = (tokenizer, template, processor, model.tokens_per_image, sample_max_length(cfg), cfg.data.overlong,
+            cfg.data.bad_samples)
+    if cfg.data.shards:
+        dataset = ShardDataset(cfg.data.shards, *args, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
+                               rank=rank, world_size=world)
+    else:
+        dataset = LlavaJsonDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start)
     return model.to_device(device), tokenizer, dataset
+
+
+def pack_budget(cfg: RunConfig) -> int | None:
+    """Tokens per packed row (None without packing)."""
+    if not cfg.data.packing:
+        return None
+    budget = cfg.data.pack_max_tokens or cfg.data.max_length
+    if budget < 1:
+        raise ValueError(f"data.pack_max_tokens must be positive, got {budget}")
+    return budget
+
+
+def sample_max_length(cfg: RunConfig) -> int:
+    """The over-long policy's limit: a packed row holds at least one whole sample."""
+    budget = pack_budget(cfg)
+    return cfg.data.max_length if budget is None else min(cfg.data.max_length, budget)
+
+
+def make_collator(cfg: RunConfig, tokenizer, tokens_per_image: int):
+    budget = pack_budget(cfg)
+    if budget is None:
+        return Collator(tokenizer.pad_token_id)
+    return PackingCollator(tokenizer.pad_token_id, tokens_per_image, budget, cfg.train.micro_batch_size)
+
+
+def check_data_source(cfg: RunConfig) -> None:
+    if bool(cfg.data.path) == bool(cfg.data.shards):
+        raise ValueError("set exactly one of data.path (a LLaVA JSON) and data.shards (a shard directory); to train "
+                         "from shards with a config that names a JSON, add data.path=''")
+    if cfg.data.shards and cfg.data.group_by_modality:
+        raise ValueError("data.group_by_modality needs data.path: a stream from data.shards is not grouped")
+
+
+def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan | StreamPlan:
+    """The batch plan; with packing, a rank's share of a global batch is one unit (packed by the collator),
+    strided over the batch so that the ranks get similar lengths. From shards: the stream's plan."""
+    t_cfg = cfg.train
+    if isinstance(dataset, ShardDataset):
+        return StreamPlan(dataset, t_cfg.global_batch_size, t_cfg.micro_batch_size, world, cfg.data.packing)
+    micro = t_cfg.global_batch_size // world if cfg.data.packing else t_cfg.micro_batch_size
+    if cfg.data.packing and t_cfg.global_batch_size % world:
+        raise ValueError(f"train.global_batch_size ({t_cfg.global_batch_size}) must be a multiple of the world "
+                         f"size ({world})")
+    return BatchPlan([dataset.approx_length(i) for i in range(len(dataset))],
+                     [dataset.has_image(i) for i in range(len(dataset))], t_cfg.global_batch_size,
+                     micro, world, rank, t_cfg.seed, cfg.data.group_by_modality, strided_shares=cfg.data.packing)
 
 
 def train(cfg: RunConfig) -> Path:
@@ -166,14 +226,12 @@ def train(cfg: RunConfig) -> Path:
 
     if ds is not None:
         ds.before_model_build()  # ZeRO-3: the LLM is loaded partitioned
-    model, tokenizer, dataset = build(cfg, device)
+    model, tokenizer, dataset = build(cfg, device, rank, world)
     n_startup_skips = len(dataset.report.skipped)  # the same on every rank; runtime skips come after
     log_trainable(model.set_trainable(t_cfg.train_projector, t_cfg.train_llm))
     if t_cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    plan = BatchPlan([dataset.approx_length(i) for i in range(len(dataset))],
-                     [dataset.has_image(i) for i in range(len(dataset))], t_cfg.global_batch_size,
-                     t_cfg.micro_batch_size, world, rank, t_cfg.seed, cfg.data.group_by_modality)
+    plan = make_plan(cfg, dataset, world, rank)
     total_steps = t_cfg.max_steps or math.ceil(t_cfg.epochs * plan.steps_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -198,11 +256,17 @@ def train(cfg: RunConfig) -> Path:
     step = 0
     if resume_from is not None:
         step = _restore(resume_from, model, optimizer, scheduler, dataset, n_startup_skips, plan, cfg, rank, ds)
-    log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d accumulation x %d micro",
-             len(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
-             plan.accumulation_steps, t_cfg.micro_batch_size)
+    if cfg.data.packing:
+        log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d samples, packed "
+                 "into rows of <= %d tokens, %d row(s) per forward pass (%s attention)", dataset_size(dataset),
+                 plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world, plan.micro_batch_size,
+                 pack_budget(cfg), t_cfg.micro_batch_size, model.attn_implementation)
+    else:
+        log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d accumulation x %d "
+                 "micro", dataset_size(dataset), plan.steps_per_epoch, total_steps, t_cfg.global_batch_size, world,
+                 plan.accumulation_steps, t_cfg.micro_batch_size)
     metrics = MetricsLogger(run_dir, is_main, t_cfg.tensorboard, t_cfg.wandb_project, cfg.run_name, to_dict(cfg), resume_step=step)
-    collate = Collator(tokenizer.pad_token_id)
+    collate = make_collator(cfg, tokenizer, model.tokens_per_image)
     use_autocast = device.type == "cuda" and t_cfg.bf16 and not (ds is not None and ds.bf16)  # DS bf16: bf16 weights
     from tqdm import tqdm
 
@@ -211,9 +275,9 @@ def train(cfg: RunConfig) -> Path:
     while step < total_steps:
         epoch, in_epoch = divmod(step, plan.steps_per_epoch)
         if batches is None or in_epoch == 0:
-            batches = _epoch_loader(dataset, plan, epoch, in_epoch, collate, cfg.data.num_workers)
+            batches = epoch_steps(plan, dataset, epoch, in_epoch, collate, cfg.data.num_workers)
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(plan.accumulation_steps)]
+        micro = next(batches)
         t_data = time.perf_counter() - t0
         row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, dataset.report, ds)
         step += 1
@@ -250,17 +314,25 @@ def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_
     """
     if ds is not None:
         # ZeRO's collectives run in every micro-batch's forward (ZeRO-3) and backward: every rank runs the same
-        # number of them, a micro-batch whose samples were all skipped being a no-op batch
+        # number of them, a micro-batch whose samples were all skipped being a no-op batch (and with packing,
+        # where the number of micro-batches varies, a rank with fewer runs no-op batches to the largest count)
         micro = [b if "input_ids" in b else _no_op_batch() for b in micro]
+        if world > 1:
+            most = torch.tensor([len(micro)])
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            micro += [_no_op_batch() for _ in range(int(most) - len(micro))]
     micro = [b for b in micro if "input_ids" in b]
     if not micro and ddp is not None:
         # every sample of this rank's micro-batches was skipped: still join the gradient all-reduce
         # (with zero loss), or the other ranks would wait for this one forever
         micro = [_no_op_batch()]
     n_local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro)
-    stats = all_reduce_sum(torch.tensor([float(n_local), float(sum(len(b["ids"]) for b in micro))]), world)
+    counts = [token_counts(b, model.tokens_per_image) for b in micro]  # (real tokens, computed slots)
+    stats = all_reduce_sum(torch.tensor([float(n_local), float(sum(len(b["ids"]) for b in micro)),
+                                         float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts))],
+                                        dtype=torch.float64), world)
     n_global = max(stats[0].item(), 1.0)
-    loss_total, tokens = torch.zeros((), device=device), 0
+    loss_total = torch.zeros((), device=device)
     module = ds.engine if ds is not None else ddp if ddp is not None else model
     for i, batch in enumerate(micro):
         sync = ddp is None or i == len(micro) - 1
@@ -276,9 +348,10 @@ def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_
             else:
                 (loss_sum * (world / n_global)).backward()
         loss_total += loss_sum.detach()
-        tokens += int(batch["attention_mask"].sum()) * bool(batch["ids"]) + int(batch["images"].shape[0]) * (model.tokens_per_image - 1)
     loss = all_reduce_sum(loss_total, world).item() / n_global
-    return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens * world, "samples": int(stats[1].item())}
+    tokens, slots = int(stats[2].item()), int(stats[3].item())
+    return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens,
+            "real_token_frac": round(tokens / slots, 4) if slots else 0.0, "samples": int(stats[1].item())}
 
 
 def _no_op_batch() -> dict:
@@ -312,12 +385,28 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
     return row
 
 
-def _epoch_loader(dataset, plan: BatchPlan, epoch: int, start: int, collate, num_workers: int):
-    """Iterator over this rank's micro-batches of `epoch`, from global batch `start` on."""
+def epoch_steps(plan: BatchPlan | StreamPlan, dataset, epoch: int, start: int, collate,
+                num_workers: int) -> Iterator[list[dict]]:
+    """This rank's micro-batches of each step of `epoch`, from step `start` on."""
+    if isinstance(plan, StreamPlan):
+        yield from plan.epoch_steps(epoch, start, collate, num_workers)
+        return
     micro = [mb for gb in plan.global_batches(epoch)[start:] for mb in plan.micro_batches(gb)]
-    loader = DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=num_workers,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available())
-    return iter(loader)
+    loader = iter(DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=num_workers,
+                             persistent_workers=False, pin_memory=torch.cuda.is_available()))
+    if isinstance(collate, PackingCollator):  # one loader item: a rank's share, already packed into micro-batches
+        yield from loader
+        return
+    while True:
+        step = list(itertools.islice(loader, plan.accumulation_steps))
+        if not step:
+            return
+        yield step
+
+
+def dataset_size(dataset) -> int:
+    """Samples in the dataset (all ranks' for a shard stream)."""
+    return dataset.num_samples if isinstance(dataset, ShardDataset) else len(dataset)
 
 
 def _flops_per_token(model: LlavaModel, train_llm: bool) -> float:
@@ -340,7 +429,9 @@ def _resume_point(resume: str, ckpt_root: Path) -> Path | None:
 
 
 # Changing these between a checkpoint and its continuation would silently change the data order.
-RESUME_MUST_MATCH = ("data.path", "train.global_batch_size", "train.seed", "data.group_by_modality")
+RESUME_MUST_MATCH = ("data.path", "data.shards", "train.global_batch_size", "train.seed", "data.group_by_modality")
+# a shard stream's order also depends on these (and on the number of ranks: checked through the per-rank files)
+STREAM_MUST_MATCH = ("data.shuffle_buffer", "data.num_workers")
 
 
 def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: int, plan, cfg, rank: int,
@@ -352,7 +443,7 @@ def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: 
         raise ValueError(f"cannot resume from {path}: it was written by the {written_by} engine and this run uses "
                          f"{now_by} (train.deepspeed must be set as it was, or use train.resume=never)")
     saved, now = state["config"], to_dict(cfg)
-    for key in RESUME_MUST_MATCH:
+    for key in RESUME_MUST_MATCH + (STREAM_MUST_MATCH if cfg.data.shards else ()):
         section, name = key.split(".")
         if saved.get(section, {}).get(name) != now[section][name]:
             raise ValueError(f"cannot resume from {path}: {key} was {saved.get(section, {}).get(name)!r} and is now "
@@ -430,7 +521,7 @@ def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dat
     else:
         model.save_projector(run_dir, extra, state_dict)
     report = {
-        "steps": total_steps, "samples": len(dataset),
+        "steps": total_steps, "samples": dataset_size(dataset),
         "repeated_to_fill_last_batch_per_epoch": plan.repeated_per_epoch(),
         "rejected_or_skipped": dataset.report.counts(), "truncated": dataset.report.truncated,
     }
