@@ -188,14 +188,38 @@ def test_vqa_accuracy_is_mean_over_leave_one_out_subsets(matches, accuracy):
 
 def test_vqa_accuracy_normalises_prediction_and_ground_truth():
     assert M.vqa_accuracy("Two.", ["2"] * 10) == 1.0
-    assert M.vqa_accuracy("two", [{"answer": "Two", "answer_id": i} for i in range(10)]) == 1.0
-    assert close(M.vqa_accuracy("The dog", ["dog", "a dog"] + ["cat"] * 8), 0.6)
     assert M.vqa_accuracy("dogs", ["dog"] * 10) == 0.0
+    assert close(M.vqa_accuracy("Yes.", ["yes"] * 3 + ["no"] * 7), 0.9)
+    assert M.vqa_accuracy("ice cream", ["ice-cream", "ice cream"] * 5) == 1.0  # GT '-' -> ' ' (punctuation)
+    assert M.vqa_accuracy("red", ["Red", "red"] * 5) == 1.0
+
+
+# Expected values below come from running the reference code verbatim (vqaEval.py evaluate on the
+# EvalAIAnswerProcessor output; GT-Vision-Lab/VQA@c4e6a0e), not from our implementation. Our old
+# scorer passed the GT through the full submission processor and gave the value in the comment.
+@pytest.mark.parametrize("pred,gts,accuracy", [
+    ("two", ["Two"] * 10, 0.0),                         # all identical: GT untouched, "2" != "Two" (old 1.0)
+    ("two", [{"answer": "two", "answer_id": i} for i in range(10)], 0.0),  # (old 1.0)
+    ("2", ["two"] * 10, 0.0),                           # (old 1.0)
+    ("yes", ["Yes"] * 10, 0.0),                         # GT never lower-cased (old 1.0)
+    ("The dog", ["dog", "a dog"] + ["cat"] * 8, 0.3),   # GT articles kept: only "dog" matches (old 0.6)
+    ("ice cream", ["ice-cream"] * 10, 0.0),             # identical GT: no punctuation pass (old 1.0)
+    ("1,000", ["1,000"] * 10, 0.0),                     # "1000" != "1,000" (old 1.0)
+    ("1,000", ["1,000", "1000"] * 5, 1.0),              # GT differ: digit,digit comma deleted
+    ("dog", ["dog "] * 10, 0.0),                        # GT never stripped (old 1.0)
+    ("dog", ["dog ", "cat"] * 5, 0.0),                  # (old 1.0)
+    ("dog", ["dog.", "dog"] * 5, 1.0),                  # GT differ: final '.' deleted
+    ("." * 70, ["." * 70] * 10, 0.0),                   # (old 1.0)
+])
+def test_vqa_accuracy_processes_gt_as_vqaeval(pred, gts, accuracy):
+    assert close(M.vqa_accuracy(pred, gts), accuracy)
 
 
 def test_textvqa_needs_ten_answers_and_parses_llava_prompts():
     with pytest.raises(ValueError, match="10"):
         M.textvqa_accuracy("a", ["a"] * 9)
+    with pytest.raises(AssertionError):                 # the reference asserts len(answers) == 10
+        M.textvqa_accuracy("a", ["a"] * 11)
     assert M.textvqa_prompt_question("What is the Brand?\nReference OCR token: Sony, TV\n"
                                      "Answer the question using a single word or phrase.") == "what is the brand?"
     assert M.textvqa_prompt_question("Reference OCR token: X\nWhat Year?\nAnswer briefly.") == "what year?"
@@ -293,6 +317,9 @@ def test_gqa_scores_balanced_questions_and_kinds(tmp_path):
     ("The answer is A. The answer is B.", 2, None),  # two matches -> FAILED
     (" B", 2, None), ("B\n", 2, None), ("b", 2, None), ("(B)", 2, None),
     ("The answer is F.", 5, None),
+    ("The answer is (A)", 4, None),         # '(' is not a letter: FAILED
+    ("A", 0, None), ("A", 7, 0),            # options[:len(choices)]
+    ("A", -1, None),                        # reference: options[:len(range(-1))] = [] -> -1 (we had 0)
 ])
 def test_scienceqa_parse(text, n_choices, index):
     assert M.scienceqa_parse(text, n_choices) == index

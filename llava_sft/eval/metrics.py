@@ -19,11 +19,20 @@ VQAv2 / VizWiz -- `vqa_normalize_answer`, `vqa_accuracy`, `vqav2_submission`, `v
     as the positional `count` of `sub`, so at most 32 periods are removed; then words: number words
     none/zero..ten -> digits, articles a/an/the dropped, contraction table (keys that contain capitals
     such as "Im"/"Ive" can never match after lower-casing; "somebody'd" maps to "somebodyd": both kept).
-  * Accuracy: the VQA metric (GT-Vision-Lab/VQA vqaEval.py, also EvalAI/VizWiz): for each human
-    answer i, min(#other answers equal to the prediction / 3, 1), averaged over all answers (10 choose
-    9 subsets). Prediction and GT are both passed through `vqa_normalize_answer` (what the LLaVA
-    pipeline does for the prediction before upload; VQAv2/VizWiz GT is stored normalised). The server
-    skips GT normalisation when all 10 answers are identical: that differs only for un-normalised GT.
+  * Accuracy (`vqa_accuracy`): GT-Vision-Lab/VQA@c4e6a0e4e84b9702d99800d3393652d92b5df224
+    PythonEvaluationTools/vqaEvaluation/vqaEval.py `evaluate`, applied to the answer LLaVA submits,
+    i.e. to `vqa_normalize_answer(pred)` (the issue's "accuracy of the submitted answer"). The result
+    answer: '\\n'/'\\t' -> ' ', strip, processPunctuation, processDigitArticle -- always, whatever the
+    GT (only some later copies, e.g. Qwen-VL's, process it only when the GT answers differ). The human
+    answers: processPunctuation only (no lower-casing, no number words/articles/contractions, no strip),
+    and only when the answers are not all identical (`len(set(gtAnswers)) > 1`); so e.g. "two" against
+    ten "two" scores 0 ("2" != "two") and "yes" against ten "Yes" scores 0 -- real VQAv2 GT is stored
+    normalised, so this only bites hand-made GT. vqaEval's commaStrip is `(\\d)(\\,)(\\d)` (one comma),
+    its punctuation list and tables are those of m4c_evaluator. Score: for each human answer i,
+    min(#other answers equal to the result / 3, 1), averaged over all answers (10 choose 9 subsets);
+    "other" = the other *positions* (vqaEval compares annotation dicts, distinct by answer_id).
+    Applying vqaEval to the raw prediction instead differs only where the submission processor
+    changed it ("man's" -> "man 's", commas and '?' deleted rather than spaced).
   * VQAv2 submission: one {question_id, answer} per question of the *test split file*, in its order,
     answer "" for a question without a prediction (LLaVA answers only test-dev but uploads all test).
     VizWiz submission: one {image, answer} per question-file row; a missing prediction is an error
@@ -34,7 +43,8 @@ TextVQA -- `textvqa_accuracy`, `textvqa_prompt_question`
     processor on prediction and GT; an answer row is matched to its annotation by
     (question_id == image_id, question parsed from the prompt, lower-cased); prompt parsing as
     `prompt_processor` ("OCR tokens: ... Question: X Short answer:", or "Reference OCR token:" 3-line
-    prompts, or 2-line prompts; anything else is an error).
+    prompts, or 2-line prompts; anything else is an error). Not 10 answers raises
+    `TextVQAAnswerCountError`, both a ValueError and (like the reference assert) an AssertionError.
 GQA -- `gqa_correct`, `gqa_predictions`, `gqa_scores`
   * LLaVA scripts/convert_gqa_for_eval.py: prediction = text.rstrip('.').lower(); the official GQA
     eval.py (shipped in LLaVA-eval playground/data/eval/gqa/data/eval/eval.py): `predicted == gold`
@@ -44,8 +54,9 @@ ScienceQA-IMG -- `scienceqa_parse_letter`, `scienceqa_parse`, `scienceqa_scores`
   * LLaVA llava/eval/eval_science_qa.py: options A-E; the text itself equal to a letter (no strip);
     else text[0] a letter and text[1:3] == ". "; else `re.findall(r'The answer is ([A-Z]).')` with
     exactly one match (the '.' matches any character; 0 or 2+ matches -> FAILED); a letter is right
-    only if it is within the question's choices (`get_pred_idx`); FAILED counts as wrong. A problem
-    without a prediction is FAILED with prompt "Unknown". IMG subset = predictions whose *prompt*
+    only if it is within the question's choices (`get_pred_idx`: options[:len(choices)], so a
+    negative n_choices is no choice); FAILED counts as wrong. A problem without a prediction is
+    FAILED with prompt "Unknown". IMG subset = predictions whose *prompt*
     contains "<image>" (not the problem's image field). Accuracies are correct / total * 100.
 POPE -- `pope_parse`, `pope_metrics`, `pope_scores`
   * LLaVA llava/eval/eval_pope.py: keep text before the first '.', delete ',', split on ' ', any
@@ -146,13 +157,14 @@ _ARTICLES = ("a", "an", "the")
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
                 ",", "?", "!")
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a lookahead, see the module docstring
-_DIGIT_COMMA = re.compile(r"(?<=\d)(\,)+(?=\d)")
+_DIGIT_COMMA = re.compile(r"(?<=\d)(\,)+(?=\d)")  # m4c_evaluator COMMA_STRIP
+_VQAEVAL_DIGIT_COMMA = re.compile(r"(\d)(\,)(\d)")  # vqaEval.py commaStrip (one comma only)
 _PERIOD_MAX = int(re.UNICODE)  # sic: the reference passes re.UNICODE (32) as `count`
 
 
-def _strip_punctuation(text: str) -> str:
+def _strip_punctuation(text: str, digit_comma: re.Pattern = _DIGIT_COMMA) -> str:
     out = text
-    comma_between_digits = _DIGIT_COMMA.search(text) is not None
+    comma_between_digits = digit_comma.search(text) is not None
     for p in _PUNCTUATION:  # the test looks at the input text, the edit at the running output
         if p + " " in text or " " + p in text or comma_between_digits:
             out = out.replace(p, "")
@@ -187,16 +199,38 @@ def _leave_one_out(pred: str, gts: Sequence[str]) -> float:
     return sum(accs) / len(accs)
 
 
+def vqa_eval_result_answer(answer: str) -> str:
+    """vqaEval.py's processing of a result-file answer: '\\n'/'\\t' -> ' ', strip, processPunctuation,
+    processDigitArticle (lower-cases, numbers, articles, contractions)."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles_contractions(_strip_punctuation(answer, _VQAEVAL_DIGIT_COMMA))
+
+
+def vqa_eval_gt_answers(answers: Sequence[str]) -> list[str]:
+    """vqaEval.py's processing of a question's human answers: processPunctuation only (no lower-casing,
+    no digits/articles/contractions, no strip), and only when the answers are not all identical."""
+    answers = list(answers)
+    if len(set(answers)) > 1:
+        return [_strip_punctuation(a, _VQAEVAL_DIGIT_COMMA) for a in answers]
+    return answers
+
+
 def vqa_accuracy(pred: str, gt_answers: Sequence) -> float:
-    """Official VQA accuracy of one prediction against the human answers (strings or {"answer": ...})."""
-    return _leave_one_out(vqa_normalize_answer(pred), [vqa_normalize_answer(_answer_text(a)) for a in gt_answers])
+    """Official VQA accuracy (vqaEval.py) of the answer LLaVA submits for `pred` (`vqa_normalize_answer`),
+    against the human answers (strings or {"answer": ...}) as vqaEval.py processes them."""
+    result = vqa_eval_result_answer(vqa_normalize_answer(pred))
+    return _leave_one_out(result, vqa_eval_gt_answers([_answer_text(a) for a in gt_answers]))
+
+
+class TextVQAAnswerCountError(ValueError, AssertionError):
+    """Not exactly 10 GT answers: the reference `assert len(answers) == 10` (so also an AssertionError)."""
 
 
 def textvqa_accuracy(pred: str, gt_answers: Sequence) -> float:
     """TextVQAAccuracyEvaluator's soft score for one prediction (exactly 10 GT answers, as asserted there)."""
     answers = [vqa_normalize_answer(_answer_text(a)) for a in gt_answers]
     if len(answers) != 10:
-        raise ValueError(f"TextVQA needs exactly 10 GT answers, got {len(answers)}")
+        raise TextVQAAnswerCountError(f"TextVQA needs exactly 10 GT answers, got {len(answers)}")
     return _leave_one_out(vqa_normalize_answer(pred), answers)
 
 
@@ -307,7 +341,8 @@ def scienceqa_parse_letter(text: str) -> str:
 def scienceqa_parse(text: str, n_choices: int) -> int | None:
     """The option index eval_science_qa gives the prediction, or None (counted wrong)."""
     letter = scienceqa_parse_letter(text)
-    return SQA_OPTIONS.index(letter) if letter in SQA_OPTIONS[:n_choices] else None
+    # options[:len(choices)]: never a negative slice (n_choices < 0 behaves as no choices)
+    return SQA_OPTIONS.index(letter) if letter in SQA_OPTIONS[:max(n_choices, 0)] else None
 
 
 def scienceqa_scores(problems: Mapping[str, Mapping], split_ids: Sequence[str],
