@@ -58,19 +58,17 @@ def test_llava_v1_recipes():
 
 
 def test_deepspeed_engines_of_the_recipes():
-    """Stage 1 under ZeRO-2, full and LoRA Stage 2 under ZeRO-3 (as LLaVA's scripts), QLoRA on plain DDP; the
+    """Stage 1 under ZeRO-2, full and LoRA Stage 2 under ZeRO-3, QLoRA under ZeRO-2 (as LLaVA's scripts); the
     shipped DeepSpeed JSONs resolve for 8 GPUs to the recipe's batch, clipping and bf16, with our optimizer."""
     from llava_sft.train.engine import resolve_config, zero_stage
 
     expected = {"llava_v1_5/stage1_pretrain_7b.yaml": 2, "llava_v1_5/stage2_finetune_7b.yaml": 3,
-                "llava_v1_5/stage2_finetune_7b_lora.yaml": 3, "llava_v1_5/stage2_finetune_7b_qlora.yaml": None,
+                "llava_v1_5/stage2_finetune_7b_lora.yaml": 3, "llava_v1_5/stage2_finetune_7b_qlora.yaml": 2,
                 "llava_v1/stage1_cc3m.yaml": 2, "llava_v1/stage2_instruct158k.yaml": 3}
     for name, stage in expected.items():
-        t = load_config(CONFIGS / name).train
-        if stage is None:
-            assert t.deepspeed is None, name
-            continue
-        ds = resolve_config(t.deepspeed, t, world=8, cuda=True)
+        run = load_config(CONFIGS / name)
+        t = run.train
+        ds = resolve_config(t.deepspeed, t, world=8, cuda=True, quantized=bool(run.model.lora and run.model.lora.quantize))
         assert zero_stage(ds) == stage, name
         assert "optimizer" not in ds and "scheduler" not in ds
         assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (t.global_batch_size, t.micro_batch_size)

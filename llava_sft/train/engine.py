@@ -45,7 +45,7 @@ class DeepSpeedConfigError(ValueError):
     pass
 
 
-def resolve_config(path: str | Path, t_cfg, world: int, cuda: bool) -> dict:
+def resolve_config(path: str | Path, t_cfg, world: int, cuda: bool, quantized: bool = False) -> dict:
     """The DeepSpeed JSON with our values filled in; a clear error for anything that contradicts them."""
     path = Path(path)
     if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
@@ -85,6 +85,10 @@ def resolve_config(path: str | Path, t_cfg, world: int, cuda: bool) -> dict:
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         raise DeepSpeedConfigError(f"train.deepspeed: {path} has zero_optimization.stage={stage!r}; use 1, 2 or 3")
+    if stage == 3 and quantized:
+        raise DeepSpeedConfigError(
+            f"train.deepspeed: {path} is ZeRO-3, which cannot partition a 4-bit (QLoRA) base here: use "
+            "configs/deepspeed/zero2.json (as LLaVA's QLoRA script does) or train.deepspeed=null (DDP)")
     if optimizer_offloaded(cfg) and not cuda:
         cfg["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the CPU (DeepSpeedCPUAdam needs a build)
     cfg.setdefault("steps_per_print", 10**9)  # we log every step ourselves
@@ -137,8 +141,6 @@ class DeepSpeedRun:
         """(engine, optimizer, scheduler): our AdamW param groups and LambdaLR, handed to DeepSpeed."""
         import deepspeed
 
-        if getattr(model, "quantized", False):
-            raise ValueError("a 4-bit (QLoRA) LLM cannot train under DeepSpeed here: set train.deepspeed=null (DDP)")
         if self.stage == 3:
             params_to_buffers(model.vision_tower)
             llm = list(model.llm.parameters())

@@ -201,8 +201,9 @@ def train(cfg: RunConfig) -> Path:
     ds = None
     if cfg.train.deepspeed:  # checked before anything starts: a bad DeepSpeed JSON is a clear error now
         cuda = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
+        quantized = bool(cfg.model.lora and cfg.model.lora.quantize)
         ds = engine.DeepSpeedRun(engine.resolve_config(cfg.train.deepspeed, cfg.train,
-                                                       int(os.environ.get("WORLD_SIZE", "1")), cuda))
+                                                       int(os.environ.get("WORLD_SIZE", "1")), cuda, quantized))
     rank, world, device = setup_distributed(cfg.train.device, deepspeed=ds is not None)
     is_main = rank == 0
     run_dir = Path(cfg.train.output_dir)

@@ -1,0 +1,60 @@
+"""LoRA and QLoRA under DeepSpeed on two CPU processes (gloo) train like one plain process with the same global
+batch, and write the single-process LoRA output (adapter + projector) that merge_lora turns into a plain model.
+
+LoRA runs under ZeRO-3 (the recipe's engine), QLoRA under ZeRO-2 (as LLaVA's finetune_qlora.sh): ZeRO-3 cannot
+partition a 4-bit base here and says so before anything loads. The bf16 case checks that DeepSpeed's
+`module.bfloat16()` leaves the 4-bit NF4 weights alone (they are uint8 storage, not floating point), so a bf16
+QLoRA run on GPUs trains the same model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llava_sft.merge_lora import merge_lora
+from llava_sft.model.llava import LlavaModel
+from llava_sft.model.lora import LoraSettings
+from llava_sft.train.engine import DeepSpeedConfigError
+from llava_sft.train.trainer import train
+from tests.test_deepspeed import REL, ds_json, rows, shapes, stage2_from_pretrained, torchrun  # noqa: F401
+
+
+def lora_run(tokenizer_dir, data, tmp_path, name, quantize=None, **kw):
+    cfg = stage2_from_pretrained(tokenizer_dir, data, tmp_path, name, global_batch_size=8, micro_batch_size=2,
+                                 lr=2e-3, projector_lr=5e-4, **kw)
+    cfg.model.lora = LoraSettings(r=8, alpha=16, dropout=0.0, quantize=quantize)
+    return cfg
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("quantize,zero,bf16", [(None, "zero3.json", False), ("nf4", "zero2.json", False),
+                                                ("nf4", "zero2.json", True)])
+def test_lora_under_deepspeed_matches_one_process(llama_tokenizer_dir, shapes, tmp_path, quantize, zero, bf16):
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+    train(lora_run(llama_tokenizer_dir, shapes, tmp_path, "plain", quantize))
+    ds_cfg = ds_json(tmp_path, zero, **({"bf16": {"enabled": True}} if bf16 else {}))
+    torchrun(lora_run(llama_tokenizer_dir, shapes, tmp_path, "ds", quantize, deepspeed=str(ds_cfg)), tmp_path, "ds",
+             29761)
+    want, got = rows(tmp_path / "plain"), rows(tmp_path / "ds")
+    assert len(got) == 4 and got[-1]["loss"] < got[0]["loss"]
+    # bf16: weights and activations rounded to 8 mantissa bits (fp32 master weights in the engine)
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=2e-3 if bf16 else REL)
+    if not bf16:  # the output is the single-process LoRA format: adapter + projector, the same tensors
+        for name in ("llm/adapter_model.safetensors", "projector.safetensors"):
+            a, b = load_file(tmp_path / "ds" / name), load_file(tmp_path / "plain" / name)
+            assert a.keys() == b.keys() and a
+            for k in a:
+                # Adam moves each weight by ~lr (2e-3) per step whatever the gradient size, so float-order noise in
+                # a near-zero gradient can show as ~1e-5; 1e-4 is 5 % of one step
+                torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    merged = merge_lora(tmp_path / "ds", tmp_path / "merged")
+    assert not LlavaModel.from_pretrained(merged)[0].quantized
+
+
+def test_qlora_under_zero3_is_refused_before_loading(llama_tokenizer_dir, shapes, tmp_path):
+    cfg = lora_run(llama_tokenizer_dir, shapes, tmp_path, "z3", "nf4", deepspeed=str(ds_json(tmp_path, "zero3.json")))
+    with pytest.raises(DeepSpeedConfigError, match="ZeRO-3.*4-bit.*zero2.json"):
+        train(cfg)
+    assert not (tmp_path / "z3" / "metrics.jsonl").exists()
