@@ -11,7 +11,6 @@ random token ids: the numbers measure compute, not learning. Record results in b
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_sft.model.llava import LLMConfig, LlavaModel, ModelConfig
 from llava_sft.model.vision import VisionConfig
-from llava_sft.train.trainer import accumulate_gradients, param_groups
+from llava_sft.train.trainer import accumulate_gradients, param_groups, peak_memory_gb
 
 
 def make_batch(micro: int, seq_text: int, vocab: int, image_size: int) -> dict:
@@ -29,12 +28,6 @@ def make_batch(micro: int, seq_text: int, vocab: int, image_size: int) -> dict:
     labels[:, : seq_text // 2] = IGNORE_INDEX
     return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "ids": list(range(micro)),
             "images": torch.randn(micro, 3, image_size, image_size)}
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def main() -> None:
@@ -86,7 +79,7 @@ def main() -> None:
                 tokens = row["tokens"]
         step_s = sum(times) / len(times)
         samples = args.micro * args.accum
-        print(f"{stage:<8} {step_s:>8.3f} {tokens / step_s:>10.0f} {samples / step_s:>10.1f} {peak_memory_gb(device):>12.2f}")
+        print(f"{stage:<8} {step_s:>8.3f} {tokens / step_s:>10.0f} {samples / step_s:>10.1f} {peak_memory_gb(device, 1):>12.2f}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ class TrainConfig:
     tensorboard: bool = False
     wandb_project: str | None = None
     flops_per_second_peak: float | None = None  # for MFU (e.g. 312e12 for A100 bf16); None = not logged
+    # log `live_tensor_gb` per step: bytes of all live torch tensors (unique storages) just before the optimizer
+    # step, max over ranks -- weights, gradients, optimizer states (from the 2nd step), buffers; on a CPU the
+    # analogue of CUDA's memory_allocated (costs a gc walk, ~0.2 s per step: for memory benchmarks only)
+    profile_memory: bool = False
 
 
 @dataclass

@@ -58,3 +58,24 @@ def test_qlora_under_zero3_is_refused_before_loading(llama_tokenizer_dir, shapes
     with pytest.raises(DeepSpeedConfigError, match="ZeRO-3.*4-bit.*zero2.json"):
         train(cfg)
     assert not (tmp_path / "z3" / "metrics.jsonl").exists()
+
+
+def test_profile_memory_counts_weights_gradients_and_adam_states(llama_tokenizer_dir, shapes, tmp_path):
+    """train.profile_memory logs the live tensor bytes before the optimizer step; in fp32 on one process that is
+    4 bytes per weight + 4 per gradient + 8 for AdamW's two moments per trainable parameter, 4 per frozen one
+    (benchmarks/scale.py's arithmetic), up to the batch and small buffers."""
+    from llava_sft.train.trainer import build
+
+    cfg = stage2_from_pretrained(llama_tokenizer_dir, shapes, tmp_path, "run", global_batch_size=4,
+                                 micro_batch_size=4, profile_memory=True)
+    cfg.train.max_steps = 2
+    model, _, _ = build(cfg, torch.device("cpu"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    del model
+    train(cfg)
+    first, second = rows(tmp_path / "run")
+    expected = (16 * trainable + 4 * frozen) / 2**30
+    assert second["live_tensor_gb"] == pytest.approx(expected, rel=0.05)
+    assert first["live_tensor_gb"] == pytest.approx(expected - 8 * trainable / 2**30, rel=0.05)  # no Adam state yet
+    assert second["peak_mem_gb"] > second["live_tensor_gb"]  # peak RSS: also the runtime and the activations

@@ -72,6 +72,44 @@ def setup_distributed(device_pref: str, deepspeed: bool = False) -> tuple[int, i
     return rank, world, device
 
 
+def peak_memory_gb(device: torch.device, world: int) -> float:
+    """Peak memory so far, max over ranks (collective): CUDA max_memory_allocated, or the process's peak RSS on
+    a CPU (which also counts the Python/torch runtime)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    if world > 1:
+        t = torch.tensor([peak], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        peak = float(t)
+    return round(peak, 3)
+
+
+def live_tensor_gb(model, device: torch.device, world: int) -> float:
+    """GiB held by all live tensors of this process (each storage counted once), max over ranks (collective).
+    `.grad` tensors made by autograd have no Python object until read, so the model's are added explicitly."""
+    import gc
+
+    seen, total = set(), 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    for obj in itertools.chain(gc.get_objects(), grads):
+        if isinstance(obj, torch.Tensor):
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+                continue
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    t = torch.tensor([total / 2**30], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return round(float(t), 4)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -251,7 +289,8 @@ def train(cfg: RunConfig) -> Path:
     else:
         optimizer = torch.optim.AdamW(groups, lr=t_cfg.lr, betas=tuple(t_cfg.adam_betas), eps=t_cfg.adam_eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False) if world > 1 else None
+        ddp = torch.nn.parallel.DistributedDataParallel(  # gradients live in the all-reduce buckets (no 2nd copy)
+            model, find_unused_parameters=False, gradient_as_bucket_view=True) if world > 1 else None
 
     resume_from = _resume_point(t_cfg.resume, ckpt_root)
     step = 0
@@ -289,6 +328,7 @@ def train(cfg: RunConfig) -> Path:
         if t_cfg.flops_per_second_peak:
             row["mfu"] = round(flops_per_token * row["tokens"] / t_step / (t_cfg.flops_per_second_peak * world), 4)
         if step % t_cfg.log_every == 0 or step == total_steps:
+            row["peak_mem_gb"] = peak_memory_gb(device, world)
             metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
@@ -367,6 +407,8 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
             report.add(sample_id, reason)
         report.truncated += batch["truncated"]
     row = accumulate_gradients(model, ddp, micro, world, device, use_autocast, ds)
+    if t_cfg.profile_memory:  # weights, gradients and (from the 2nd step) optimizer states are all live here
+        row["live_tensor_gb"] = live_tensor_gb(model, device, world)
     if ds is not None:  # clipping (gradient_clipping = train.grad_clip), optimizer and schedule: the engine
         lr = scheduler.get_last_lr()[0]
         grad_norm = ds.step()
