@@ -64,7 +64,9 @@ def test_profile_memory_counts_weights_gradients_and_adam_states(llama_tokenizer
     """train.profile_memory logs the live tensor bytes before the optimizer step; in fp32 on one process that is
     4 bytes per weight + 4 per gradient + 8 for AdamW's two moments per trainable parameter, 4 per frozen one
     (benchmarks/scale.py's arithmetic), up to the batch and small buffers."""
-    from llava_sft.train.trainer import build
+    import gc
+
+    from llava_sft.train.trainer import build, live_tensor_gb
 
     cfg = stage2_from_pretrained(llama_tokenizer_dir, shapes, tmp_path, "run", global_batch_size=4,
                                  micro_batch_size=4, profile_memory=True)
@@ -73,9 +75,12 @@ def test_profile_memory_counts_weights_gradients_and_adam_states(llama_tokenizer
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     del model
+    gc.collect()
+    before = live_tensor_gb(torch.nn.Module(), torch.device("cpu"), 1)  # whatever else this process holds
     train(cfg)
     first, second = rows(tmp_path / "run")
-    expected = (16 * trainable + 4 * frozen) / 2**30
-    assert second["live_tensor_gb"] == pytest.approx(expected, rel=0.05)
-    assert first["live_tensor_gb"] == pytest.approx(expected - 8 * trainable / 2**30, rel=0.05)  # no Adam state yet
+    gib = 2**30
+    # step 1: weights + gradients; step 2: + AdamW's moments (created by the first optimizer step)
+    assert first["live_tensor_gb"] - before == pytest.approx((8 * trainable + 4 * frozen) / gib, rel=0.05)
+    assert second["live_tensor_gb"] - first["live_tensor_gb"] == pytest.approx(8 * trainable / gib, rel=0.05)
     assert second["peak_mem_gb"] > second["live_tensor_gb"]  # peak RSS: also the runtime and the activations
