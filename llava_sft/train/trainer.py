@@ -81,11 +81,15 @@ def peak_memory_gb(device: torch.device, world: int) -> float:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-    if world > 1:
-        t = torch.tensor([peak], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        peak = float(t)
-    return round(peak, 3)
+    return round(_max_over_ranks(peak, device, world), 3)
+
+
+def _max_over_ranks(value: float, device: torch.device, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def live_tensor_gb(model, device: torch.device, world: int) -> float:
@@ -104,10 +108,7 @@ def live_tensor_gb(model, device: torch.device, world: int) -> float:
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
-    t = torch.tensor([total / 2**30], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return round(float(t), 4)
+    return round(_max_over_ranks(total / 2**30, device, world), 4)
 
 
 def seed_everything(seed: int) -> None:
