@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from llava_sft.train.trainer import train
 
     train(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # torchrun / DeepSpeed: shut the process group down before the interpreter exits
+        dist.destroy_process_group()  # (left to interpreter teardown, gloo's threads can abort the process)
     return 0
 
 
