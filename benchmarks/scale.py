@@ -52,59 +52,14 @@ METHODS = ("full", "lora", "qlora")
 
 
 # ----------------------------------------------------------------------------------- model-state arithmetic
-def llm_params(llm: dict) -> int:
-    h, f, n, v = llm["hidden_size"], llm["intermediate_size"], llm["num_hidden_layers"], llm["vocab_size"]
-    return 2 * v * h + n * (4 * h * h + 3 * h * f + 2 * h) + h  # untied embeddings + head, attention, MLP, norms
-
-
-def lora_params(llm: dict, r: int) -> int:
-    h, f, n = llm["hidden_size"], llm["intermediate_size"], llm["num_hidden_layers"]
-    return n * r * (4 * 2 * h + 3 * (h + f))  # A (r x in) + B (out x r) on q, k, v, o, gate, up, down
-
-
-def linear_weights(llm: dict) -> int:
-    h, f, n = llm["hidden_size"], llm["intermediate_size"], llm["num_hidden_layers"]
-    return n * (4 * h * h + 3 * h * f)  # what NF4 quantises (embeddings, norms and lm_head stay 16-bit)
-
-
-def predicted_states_gb(method: str, engine: str, nproc: int, llm: dict, vision_params: int, projector_params: int,
-                        lora_r: int, bf16: bool) -> float:
-    """Per-rank GiB of weights + gradients + optimizer states (no activations, no runtime)."""
-    w = g = 2 if bf16 else 4  # bytes per weight / gradient
-    # optimizer bytes per trainable parameter: AdamW's two fp32 moments, plus an fp32 master copy under bf16 and
-    # under ZeRO (DeepSpeed keeps its own fp32 partition even of fp32 weights); DDP's gradients are views of its
-    # all-reduce buckets (gradient_as_bucket_view), no second copy
-    o = 8 + (4 if bf16 or engine != "ddp" else 0)
-    total = llm_params(llm)
-    if method == "full":
-        frozen, trainable = 0.0, total + projector_params
-    elif method == "lora":
-        frozen, trainable = total * w, lora_params(llm, lora_r) + projector_params
-    else:  # qlora: NF4 linear weights (0.5 B + 8-bit absmax per 64 + fp32 scale per 256 blocks), the rest as loaded
-        lin = linear_weights(llm)
-        frozen = lin * (0.5 + 1 / 64 + 4 / (64 * 256)) + (total - lin) * w
-        trainable = lora_params(llm, lora_r) + projector_params
-    vision = vision_params * w  # the frozen vision tower is whole on every rank (also under ZeRO-3)
-    n = nproc
-    if engine == "ddp":
-        states = vision + frozen + trainable * (w + g + o)
-    elif engine == "zero2":  # weights replicated; gradients + optimizer states partitioned
-        states = vision + frozen + trainable * (w + (g + o) / n)
-    else:  # zero3: weights too
-        states = vision + (frozen + trainable * (w + g + o)) / n
-    return states / 2**30
-
-
-def predicted_activations_gb(llm: dict, micro: int, seq: int, checkpointing: bool, bf16: bool) -> float:
-    """A rough per-rank activation estimate for a Llama decoder with flash attention (no s^2 term): 34 bytes x
-    tokens x hidden per layer in 16-bit (Korthikanti et al. 2022, table 2), all layers without gradient
-    checkpointing, else one layer's plus each layer's 2-byte input; plus the logits (16-bit, their fp32 copy
-    for the loss and its gradient: ~10 bytes per token x vocab)."""
-    h, n, v = llm["hidden_size"], llm["num_hidden_layers"], llm["vocab_size"]
-    tokens = micro * seq
-    scale = 1 if bf16 else 2  # fp32 activations are twice the 16-bit ones
-    layers = (34 * tokens * h + n * 2 * tokens * h) if checkpointing else n * 34 * tokens * h
-    return (layers * scale + 10 * tokens * v) / 2**30
+# (llava_sft/train/memory.py: shared with python -m llava_sft.preflight)
+from llava_sft.train.memory import (  # noqa: E402
+    linear_weights,  # noqa: F401
+    llm_params,
+    lora_params,
+    predicted_activations_gb,
+    predicted_states_gb,
+)
 
 
 def vision_param_count(vision: dict) -> int:

@@ -47,6 +47,7 @@ from llava_sft.data.templates import get_template
 from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
 from llava_sft.train import checkpoint as ckpt
 from llava_sft.train import engine
+from llava_sft.train.probe import Probe
 from llava_sft.train.logger import MetricsLogger, plot_loss_curve
 
 log = logging.getLogger("llava_sft.train")
@@ -118,19 +119,40 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+    """LR factor per optimizer step, exactly HF Trainer's (LLaVA's reference runs): warmup steps =
+    ceil(total x warmup_ratio) (TrainingArguments.get_warmup_steps), then transformers'
+    get_cosine_schedule_with_warmup / get_constant_schedule_with_warmup -- whose step 0 has LR 0: the first
+    optimizer step only initialises Adam's moments (tests/test_schedule.py compares with transformers)."""
     warmup = math.ceil(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:  # step = number of optimizer steps already taken
         if step < warmup:
-            return (step + 1) / warmup
+            return step / max(1, warmup)
         if schedule == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"train.lr_schedule must be 'cosine' or 'constant', got {schedule!r}")
     return factor
+
+
+def check_master_weights(model: torch.nn.Module, engine_keeps_masters: bool) -> None:
+    """Refuse trainable 16-bit parameters that AdamW would update in place: bf16 keeps 8 significant bits, so an
+    update smaller than 2^-9 of a weight (lr 2e-5 x Adam's ~unit step, against weights of ~1e-2) rounds away --
+    in a 10-step check ~70 % of the weights never changed. DeepSpeed ZeRO (every stage) keeps an fp32 partition
+    of each trainable parameter and steps that, so it is the one engine here that may hold 16-bit weights."""
+    if engine_keeps_masters:
+        return
+    low = [(n, p.dtype) for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if low:
+        dtypes = ", ".join(sorted({str(d).replace("torch.", "") for _, d in low}))
+        raise ValueError(
+            f"{len(low)} trainable parameter tensors are {dtypes} (e.g. {low[0][0]}) and no engine keeps fp32 master "
+            f"weights: AdamW would update them in place and most updates at small learning rates round away. Fix: "
+            f"train under DeepSpeed (train.deepspeed=configs/deepspeed/zero2.json or zero3.json keep fp32 masters), "
+            f"or load the LLM in fp32 (model.llm.dtype=float32; train.bf16=true still computes in bf16 on a GPU)")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, projector_lr: float | None = None) -> list[dict]:
@@ -271,16 +293,17 @@ def train(cfg: RunConfig) -> Path:
     log_trainable(model.set_trainable(t_cfg.train_projector, t_cfg.train_llm))
     if t_cfg.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained returns the LLM in eval mode, and transformers checkpoints a decoder layer only in training
+    # mode (`if self.gradient_checkpointing and self.training`): without this, gradient checkpointing was a silent
+    # no-op for every LLM loaded from a directory, and dropout (LoRA's too) was off. The vision tower stays in
+    # eval mode (VisionTower.train); generation and evaluation load with .eval() (LlavaModel.from_pretrained).
+    model.train()
     plan = make_plan(cfg, dataset, world, rank)
     total_steps = t_cfg.max_steps or math.ceil(t_cfg.epochs * plan.steps_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
-    low_precision = {str(p.dtype) for p in trainable if p.dtype != torch.float32}
-    if low_precision and not (ds is not None and ds.bf16):  # DeepSpeed bf16 keeps fp32 master weights
-        log.warning("trainable parameters in %s: AdamW updates them directly, with no fp32 master copy "
-                    "(load the LLM with model.llm.dtype=float32 unless a mixed-precision engine keeps one)",
-                    ", ".join(sorted(low_precision)))
+    check_master_weights(model, ds is not None)
     flops_per_token = _flops_per_token(model, t_cfg.train_llm)
     groups = param_groups(model, t_cfg.weight_decay, t_cfg.lr, t_cfg.projector_lr)
     schedule = lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule)
@@ -293,6 +316,9 @@ def train(cfg: RunConfig) -> Path:
         ddp = torch.nn.parallel.DistributedDataParallel(  # gradients live in the all-reduce buckets (no 2nd copy)
             model, find_unused_parameters=False, gradient_as_bucket_view=True) if world > 1 else None
 
+    probe = Probe.from_env(rank)  # python -m llava_sft.preflight measures the run from inside (train/probe.py)
+    if probe is not None:
+        probe.on_setup(model, optimizer, ds, t_cfg.gradient_checkpointing)
     resume_from = _resume_point(t_cfg.resume, ckpt_root)
     step = 0
     if resume_from is not None:
@@ -323,6 +349,8 @@ def train(cfg: RunConfig) -> Path:
         row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, dataset.report, ds)
         step += 1
         t_step = time.perf_counter() - t0
+        if probe is not None:
+            probe.after_step(step)
         row.update(step=step, epoch=round(step / plan.steps_per_epoch, 4), data_s=round(t_data, 4),
                    compute_s=round(t_step - t_data, 4), tokens_per_s=round(row["tokens"] / t_step, 1),
                    samples_per_s=round(row["samples"] / t_step, 2))
@@ -338,6 +366,8 @@ def train(cfg: RunConfig) -> Path:
                            rank, world, ds)
     bar.close()
     metrics.close()
+    if probe is not None:
+        probe.on_end()
     _gather_skip_reports(dataset, n_startup_skips, world)
     # under ZeRO-3 every rank takes part in gathering the weights; rank 0 writes the usual directory format
     state_dict = ds.full_state_dict(model, rank) if ds is not None and ds.stage == 3 else None

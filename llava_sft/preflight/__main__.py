@@ -1,0 +1,5 @@
+import sys
+
+from llava_sft.preflight.rehearse import main
+
+sys.exit(main())

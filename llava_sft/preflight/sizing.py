@@ -1,0 +1,104 @@
+"""The recipe at its real shapes: memory per GPU and time, from train/memory.py's arithmetic.
+
+Inputs that the arithmetic cannot read from the config are stated where they are used:
+* sequence length for memory: Stage 1 (`plain`) = one image's tokens + 64 text tokens (LLaVA-Pretrain captions
+  are short); otherwise data.max_length (a micro-batch of modality-grouped long samples is padded to it);
+* mean tokens per sample for time: Stage 1 = image tokens + 40; Stage 2 = 94 % image samples (mix665K: 40,688
+  of 665,298 are text-only) x image tokens + 150 text tokens -- replace with the mean of your data when known;
+* samples: the real JSON's record count when it is on disk, else the official count of the file it names
+  (data_prep/check_layout.py's table).
+"""
+from __future__ import annotations
+
+import math
+
+from llava_sft.train import memory
+
+
+def method_of(cfg) -> str:
+    if not cfg.train.train_llm:
+        return "projector"
+    if cfg.model.lora is None:
+        return "full"
+    return "qlora" if cfg.model.lora.quantize else "lora"
+
+
+def official_record_count(data_path: str) -> int | None:
+    try:
+        from data_prep.check_layout import DATA
+    except ImportError:  # data_prep/ is beside the package in the repository, not installed with it
+        return None
+    for entry in DATA.values():
+        if data_path.endswith(entry["json"]):
+            return entry["records"]
+    return None
+
+
+def projector_params(kind: str, vision_width: int, llm_hidden: int) -> int:
+    if kind == "linear":
+        return vision_width * llm_hidden + llm_hidden
+    depth = int(kind[3:kind.index("x")]) if kind.startswith("mlp") else 1
+    return vision_width * llm_hidden + llm_hidden + (depth - 1) * (llm_hidden * llm_hidden + llm_hidden)
+
+
+def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpointing_active: bool,
+         num_gpus: int, mfu: float, samples: int | None) -> dict:
+    llm = memory.llm_shape(real_llm)
+    v = vision_arch["vision_cfg"]
+    grid = v["image_size"] // v["patch_size"]
+    image_tokens = grid * grid + (1 if cfg.model.vision.select_feature == "cls_patch" else 0)
+    vision_params = memory.vit_params(v["width"], v["layers"], v["patch_size"], v["image_size"],
+                                      vision_arch.get("embed_dim", 0))
+    proj = projector_params(cfg.model.projector, v["width"], llm["hidden_size"])
+    method, engine = method_of(cfg), {None: "ddp", 1: "zero2", 2: "zero2", 3: "zero3"}[zero_stage]
+    stage1 = cfg.data.template == "plain"
+    seq = image_tokens + 64 if stage1 else cfg.data.max_length
+    bf16 = cfg.train.bf16
+    lora_r = cfg.model.lora.r if cfg.model.lora else 0
+    states = memory.predicted_states_gb(method, engine, num_gpus, llm, vision_params, proj, lora_r, bf16)
+
+    def peak(micro: int) -> float:
+        return states + memory.predicted_activations_gb(llm, micro, seq, checkpointing_active, bf16)
+
+    gpus = {}
+    for name, gpu in memory.GPUS.items():
+        largest = next((m for m in range(cfg.train.micro_batch_size, 0, -1) if memory.fits(peak(m), gpu)), 0)
+        gpus[name] = {"peak_gib": round(peak(cfg.train.micro_batch_size), 1), "fits": memory.fits(peak(
+            cfg.train.micro_batch_size), gpu), "largest_micro_batch_that_fits": largest}
+    mean_tokens = image_tokens + 40 if stage1 else 0.94 * image_tokens + 150
+    samples = samples or official_record_count(cfg.data.path or "")
+    out = {"method": method, "engine": engine, "gpus_per_run": num_gpus, "micro_batch_size": cfg.train.micro_batch_size,
+           "seq_for_memory": seq, "image_tokens": image_tokens, "llm_params": memory.llm_params(llm),
+           "vision_params": vision_params, "projector_params": proj, "states_gib": round(states, 2),
+           "activations_gib": round(peak(cfg.train.micro_batch_size) - states, 2),
+           "checkpointing_in_projection": checkpointing_active, "gpus": gpus, "mfu": mfu, "samples": samples,
+           "mean_tokens_per_sample": round(mean_tokens)}
+    if samples:
+        tokens = samples * cfg.train.epochs * mean_tokens
+        per_token = memory.flops_per_token(llm, round(mean_tokens), cfg.train.train_llm, vision_params,
+                                           image_tokens / mean_tokens if mean_tokens else 0.0)
+        out["steps"] = math.ceil(samples / cfg.train.global_batch_size) * math.ceil(cfg.train.epochs)
+        out["hours"] = {name: round(memory.hours(tokens * per_token, num_gpus, gpu, mfu), 1)
+                        for name, gpu in memory.GPUS.items()}
+    return out
+
+
+def sizing_table(s: dict, chosen: str) -> str:
+    lines = [f"Real shapes: LLM {s['llm_params'] / 1e9:.2f}B ({s['method']}), vision {s['vision_params'] / 1e6:.0f}M "
+             f"(frozen), projector {s['projector_params'] / 1e6:.1f}M; {s['engine']} over {s['gpus_per_run']} GPUs, "
+             f"micro-batch {s['micro_batch_size']} x {s['seq_for_memory']} tokens, gradient checkpointing "
+             f"{'on' if s['checkpointing_in_projection'] else 'OFF'} (as measured)",
+             f"  model states {s['states_gib']} GiB + activations and logits {s['activations_gib']} GiB per GPU",
+             f"  {'GPU':<11} {'peak GiB':>9} {'fits (90 %)':>12} {'largest micro':>14} {'hours':>7}"]
+    for name, g in s["gpus"].items():
+        hours = s.get("hours", {}).get(name, "?")
+        mark = " <- --gpu" if name == chosen else ""
+        lines.append(f"  {name:<11} {g['peak_gib']:>9} {'yes' if g['fits'] else 'NO':>12} "
+                     f"{g['largest_micro_batch_that_fits']:>14} {hours:>7}{mark}")
+    if "hours" in s:
+        lines.append(f"  hours: {s['samples']:,} samples x {s['mean_tokens_per_sample']} tokens (assumed mean), "
+                     f"{s['steps']} steps, at MFU {s['mfu']:.2f}")
+    else:
+        lines.append("  hours: not projected (unknown number of samples: the data JSON is not on disk)")
+    return "\n".join(lines)
+
