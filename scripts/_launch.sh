@@ -5,8 +5,15 @@
 # DeepSpeed (train.deepspeed in the config) is launched the same way: the trainer calls
 # deepspeed.init_distributed, which reads RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by
 # torchrun (a lone process without torchrun gets a one-rank group). No `deepspeed` launcher needed.
+# Before launching, `python -m llava_sft.envcheck` reports environment traps (CLIP weights not on disk offline,
+# flash_attention_2 without flash-attn/CUDA, a GPU recipe without a GPU) as one line each, naming the fix, and an
+# error stops here rather than minutes into the job. LLAVA_SKIP_ENVCHECK=1 launches anyway.
 launch() {
   local config=$1; shift
+  if [[ "${LLAVA_SKIP_ENVCHECK:-0}" != 1 ]]; then
+    python -m llava_sft.envcheck "$config" "$@" || {
+      echo "[launch] stopped by the environment check above (LLAVA_SKIP_ENVCHECK=1 to launch anyway)" >&2; exit 1; }
+  fi
   if [[ -z "${GPUS_PER_NODE:-}" ]]; then
     GPUS_PER_NODE=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c GPU || echo 0)
   fi
