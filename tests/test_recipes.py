@@ -25,6 +25,9 @@ def test_llava_v1_5_recipes():
     assert s1.data.max_length == 2048 and s1.model.vision.model == "ViT-L-14-336"
     assert (s1.model.vision.pretrained, s1.model.vision.quick_gelu, s1.model.vision.select_layer) == ("openai", True, -2)
     assert s1.model.projector == "mlp2x_gelu"
+    # the reference run's effective settings: pretrain.sh passes no --image_aspect_ratio (LLaVA's default
+    # 'square': resize + centre crop; only finetune.sh pads), and no DeepSpeed JSON of LLaVA sets gradient_clipping
+    assert s1.model.image_aspect == "square" and s1.train.grad_clip == 0.0
 
     s2 = load_config(CONFIGS / "llava_v1_5" / "stage2_finetune_7b.yaml")
     assert s2.data.path.endswith("llava_v1_5_mix665k.json") and s2.data.template == "vicuna_v1"
@@ -32,7 +35,7 @@ def test_llava_v1_5_recipes():
     assert (s2.train.global_batch_size, s2.train.lr, s2.train.epochs) == (128, 2e-5, 1.0)
     assert s2.model.image_aspect == "pad" and s2.data.group_by_modality
     assert s2.train.pretrained_projector == s1.train.output_dir  # Stage 2 picks up Stage 1's projector
-    assert s2.model.lora is None
+    assert s2.model.lora is None and s2.train.grad_clip == 0.0
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
@@ -43,7 +46,7 @@ def test_llava_v1_5_lora_recipes(kind):
     assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (128, 256, 0.05, None)
     assert lora.quantize == ("nf4" if kind == "qlora" else None)
     assert (cfg.train.lr, cfg.train.projector_lr) == (2e-4, 2e-5)
-    assert cfg.train.output_dir != full.train.output_dir
+    assert cfg.train.output_dir != full.train.output_dir and cfg.train.grad_clip == 0.0
     assert (cfg.data.path, cfg.train.global_batch_size, cfg.train.epochs) == (
         full.data.path, full.train.global_batch_size, full.train.epochs)
 
@@ -55,6 +58,9 @@ def test_llava_v1_recipes():
     s2 = load_config(CONFIGS / "llava_v1" / "stage2_instruct158k.yaml")
     assert s2.data.path.endswith("llava_instruct_150k.json") and s2.data.template == "vicuna_v1"
     assert (s2.train.global_batch_size, s2.train.lr, s2.train.epochs) == (32, 2e-5, 3.0)
+    # the April 2023 release these follow trained through HF Trainer (FSDP), which clips at max_grad_norm 1.0
+    assert s1.train.grad_clip == s2.train.grad_clip == 1.0
+    assert s1.model.image_aspect == s2.model.image_aspect == "square"
 
 
 def test_deepspeed_engines_of_the_recipes():
@@ -73,7 +79,8 @@ def test_deepspeed_engines_of_the_recipes():
         assert "optimizer" not in ds and "scheduler" not in ds
         assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (t.global_batch_size, t.micro_batch_size)
         assert ds["gradient_accumulation_steps"] * 8 * t.micro_batch_size == t.global_batch_size
-        assert ds["gradient_clipping"] == t.grad_clip == 1.0 and ds["bf16"]["enabled"] is True
+        assert ds["gradient_clipping"] == t.grad_clip == (1.0 if name.startswith("llava_v1/") else 0.0)
+        assert ds["bf16"]["enabled"] is True
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         raw = (CONFIGS / "deepspeed" / name).read_text()
         assert '"optimizer"' not in raw and '"scheduler"' not in raw

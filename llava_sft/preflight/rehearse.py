@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where the twins and runs go (default checkpoints/preflight/"
                     "<run_name>)")
     ap.add_argument("--json", default=None, help="write the table as JSON here")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come after the options, as the launchers pass them
     if args.steps < 3:
         ap.error("--steps must be at least 3 (a warmup step, a step with the LR on, and one to resume)")
     try:

@@ -79,17 +79,17 @@ class Probe:
         return cls(path, rank) if path else None
 
     # ------------------------------------------------------------------ setup
-    def on_setup(self, model, optimizer, deepspeed_run, checkpointing: bool) -> None:
+    def on_setup(self, model, optimizer, deepspeed_run, checkpointing: bool, reentrant: bool = False) -> None:
         from llava_sft.model.llava import numel
 
-        self._model = model
+        self._model, self._reentrant = model, reentrant
         modules = {"vision_tower": model.vision_tower, "projector": model.projector, "llm": model.llm}
         self.facts["trainable"] = {
             name: {"trainable": sum(numel(p) for p in m.parameters() if p.requires_grad),
                    "total": sum(numel(p) for p in m.parameters()),
                    "trainable_names": sorted(n for n, p in m.named_parameters() if p.requires_grad)}
             for name, m in modules.items()}
-        self.facts["gradient_checkpointing"] = {"configured": checkpointing}
+        self.facts["gradient_checkpointing"] = {"configured": checkpointing, "reentrant": reentrant}
         self.facts["master_dtypes"] = sorted({str(t.dtype).replace("torch.", "") for t in
                                               _stepped_tensors(optimizer, deepspeed_run)})
         # the vision tower's weights are buffers under ZeRO-3 (engine.params_to_buffers): hash its state dict
@@ -136,10 +136,11 @@ class Probe:
         self._first_inputs = None
         base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
         on = bool(getattr(base, "is_gradient_checkpointing", False))
+        gc_kwargs = {"use_reentrant": self._reentrant}
         if on:
             base.gradient_checkpointing_disable()
         else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         self._counter = SavedBytes()
         try:
             with torch.enable_grad():
@@ -147,7 +148,7 @@ class Probe:
             del out
         finally:
             if on:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             else:
                 base.gradient_checkpointing_disable()
             self._counter = None

@@ -138,6 +138,17 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return factor
 
 
+def enable_gradient_checkpointing(llm: torch.nn.Module, reentrant: bool) -> None:
+    """Non-reentrant checkpointing, except under ZeRO-3: there, recomputing a LoRA layer's frozen, partitioned base
+    weight gives an empty tensor ("Recomputed values ... have different metadata", found by preflight on the LoRA
+    recipe), so ZeRO-3 uses the reentrant variant, as LLaVA's runs did (HF Trainer's default then). Reentrant
+    checkpointing passes gradients only through inputs that require them: the input embeddings are made to (a
+    text-only batch under LoRA has no trainable tensor before the first layer otherwise)."""
+    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        llm.enable_input_require_grads()
+
+
 def check_master_weights(model: torch.nn.Module, engine_keeps_masters: bool) -> None:
     """Refuse trainable 16-bit parameters that AdamW would update in place: bf16 keeps 8 significant bits, so an
     update smaller than 2^-9 of a weight (lr 2e-5 x Adam's ~unit step, against weights of ~1e-2) rounds away --
@@ -292,7 +303,7 @@ def train(cfg: RunConfig) -> Path:
     n_startup_skips = len(dataset.report.skipped)  # the same on every rank; runtime skips come after
     log_trainable(model.set_trainable(t_cfg.train_projector, t_cfg.train_llm))
     if t_cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model.llm, reentrant=ds is not None and ds.stage == 3)
     # from_pretrained returns the LLM in eval mode, and transformers checkpoints a decoder layer only in training
     # mode (`if self.gradient_checkpointing and self.training`): without this, gradient checkpointing was a silent
     # no-op for every LLM loaded from a directory, and dropout (LoRA's too) was off. The vision tower stays in
@@ -318,7 +329,7 @@ def train(cfg: RunConfig) -> Path:
 
     probe = Probe.from_env(rank)  # python -m llava_sft.preflight measures the run from inside (train/probe.py)
     if probe is not None:
-        probe.on_setup(model, optimizer, ds, t_cfg.gradient_checkpointing)
+        probe.on_setup(model, optimizer, ds, t_cfg.gradient_checkpointing, reentrant=ds is not None and ds.stage == 3)
     resume_from = _resume_point(t_cfg.resume, ckpt_root)
     step = 0
     if resume_from is not None:

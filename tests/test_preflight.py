@@ -1,0 +1,96 @@
+"""python -m llava_sft.preflight passes on every shipped paper recipe (so a recipe that no longer runs fails CI) and
+fails, clearly, on a planted fault. Each rehearsal is the recipe's own launcher (scripts/stage*.sh, torchrun + the
+recipe's DeepSpeed JSON over 2 gloo processes) on shrunk twins, 3 optimizer steps + a resumed one (~1-2 min each)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_sft.preflight import sizing
+from llava_sft.preflight.rehearse import reference_lrs
+from llava_sft.train import memory
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "configs" / "llava_v1_5").glob("*.yaml")) + sorted((REPO / "configs" / "llava_v1").glob("*.yaml"))
+
+
+def preflight(tmp_path: Path, config: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "preflight.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.pop("LLAVA_DATA_ROOT", None)  # generated data in the recipe's layout, whatever this machine holds
+    proc = subprocess.run([sys.executable, "-m", "llava_sft.preflight", str(config), "--steps", "3",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return proc, (json.loads(out.read_text()) if out.is_file() else {})
+
+
+def status(result: dict) -> dict[str, str]:
+    return {c["name"]: c["status"] for c in result["checks"]}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("config", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_recipe_passes_preflight(config, tmp_path):
+    proc, result = preflight(tmp_path, config)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    checks = status(result)
+    assert not [n for n, s in checks.items() if s == "FAIL"]
+    # the checks the issue names are all there (a check that silently disappeared would pass vacuously)
+    for needle in ("LLM in training mode", "vision tower in eval mode", "gradient checkpointing active",
+                   "trainable parameters: llm", "frozen parameters bit-identical", "fp32 master weights",
+                   "loss finite and falling", "LR per step", "resumes to the same next loss", "projected peak memory"):
+        assert any(needle in name for name in checks), needle
+    if "stage1" in config.name:
+        assert checks["Stage-1 output accepted as Stage 2's train.pretrained_projector"] == "PASS"
+    assert "preflight PASSED" in proc.stdout
+
+
+@pytest.mark.timeout(900)
+def test_a_planted_fault_fails_preflight_naming_the_check(tmp_path):
+    """train.lr=1e12: the loss is not finite/falling; the exit code is 1 and the table says which check."""
+    proc, result = preflight(tmp_path, REPO / "configs" / "llava_v1_5" / "stage1_pretrain_7b.yaml", "train.lr=1e12",
+                             "--nproc", "1")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert status(result)["loss finite and falling (same samples every step)"] == "FAIL"
+    assert "preflight FAILED" in proc.stdout and "FAIL  loss finite and falling" in proc.stdout
+
+
+def test_an_unknown_llm_is_a_clear_error_before_anything_runs(tmp_path):
+    proc, _ = preflight(tmp_path, REPO / "configs" / "llava_v1_5" / "stage1_pretrain_7b.yaml",
+                        "model.llm.path=someone/unknown-llm")
+    assert proc.returncode == 2 and "LLAVA_LLM" in proc.stderr and "someone/unknown-llm" in proc.stderr
+
+
+def test_sizing_arithmetic_counts_what_the_modules_hold():
+    """llm_params / lora_params / vit_params against real modules (GQA, untied head; peft LoRA on all linears;
+    an open_clip ViT): the arithmetic that sizes a 7B run is the one whose counts preflight checks on the twin."""
+    import tempfile
+
+    import open_clip
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    llm = LlamaForCausalLM(LlamaConfig(**fields))
+    shape = memory.llm_shape(dict(fields, model_type="llama"))
+    assert memory.llm_params(shape) == sum(p.numel() for p in llm.parameters())
+    lora = get_peft_model(llm, LoraConfig(r=4, target_modules="all-linear"))
+    assert memory.lora_params(shape, 4) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    arch = {"embed_dim": 32, "vision_cfg": {"image_size": 56, "layers": 2, "width": 64, "patch_size": 14,
+                                            "head_width": 32}, "text_cfg": {"width": 32, "heads": 1, "layers": 1}}
+    with tempfile.TemporaryDirectory() as d:  # open_clip reads an architecture from a file named <model>.json
+        (Path(d) / "vit-count.json").write_text(json.dumps(arch))
+        open_clip.add_model_config(Path(d) / "vit-count.json")
+        visual = open_clip.create_model("vit-count", pretrained=None).visual
+    assert memory.vit_params(64, 2, 14, 56, 32) == sum(p.numel() for p in visual.parameters())
+    assert sizing.projector_params("mlp2x_gelu", 1024, 4096) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+
+
+def test_reference_lrs_are_transformers_and_warm_up_from_zero():
+    assert reference_lrs(1e-3, 4, 0.03, "cosine") == pytest.approx([0.0, 1e-3, 7.5e-4, 2.5e-4])
