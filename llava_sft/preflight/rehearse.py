@@ -160,7 +160,8 @@ def loss_checks(cfg, rows: list[dict], steps: int) -> list[Check]:
     base = cfg.train.lr if cfg.train.train_llm else (cfg.train.projector_lr or cfg.train.lr)
     want = reference_lrs(base, steps, cfg.train.warmup_ratio, cfg.train.lr_schedule)
     got = [r["lr"] for r in rows]
-    same = len(got) == len(want) and all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15) for a, b in zip(got, want))
+    same = len(got) == len(want) and all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+                                         for a, b in zip(got, want, strict=True))
     out.append(Check("LR per step = transformers' schedule", "PASS" if same else "FAIL",
                      ", ".join(f"{x:.3g}" for x in got), ", ".join(f"{x:.3g}" for x in want)))
     return out

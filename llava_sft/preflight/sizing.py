@@ -75,7 +75,8 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
            "mean_tokens_per_sample": round(mean_tokens)}
     if samples:
         tokens = samples * cfg.train.epochs * mean_tokens
-        per_token = memory.flops_per_token(llm, round(mean_tokens), cfg.train.train_llm, vision_params,
+        # weight gradients only for full fine-tuning: LoRA's adapters and Stage 1's projector are ~0.3 % of the LLM
+        per_token = memory.flops_per_token(llm, round(mean_tokens), method == "full", vision_params,
                                            image_tokens / mean_tokens if mean_tokens else 0.0)
         out["steps"] = math.ceil(samples / cfg.train.global_batch_size) * math.ceil(cfg.train.epochs)
         out["hours"] = {name: round(memory.hours(tokens * per_token, num_gpus, gpu, mfu), 1)

@@ -123,12 +123,13 @@ def predicted_activations_gb(llm: dict, micro: int, seq: int, checkpointing: boo
     return (layers * scale + 10 * tokens * v) / GIB
 
 
-def flops_per_token(llm: dict, seq: int, llm_trains: bool, vision_params: int = 0, image_tokens_share: float = 0.0,
+def flops_per_token(llm: dict, seq: int, weight_grads: bool, vision_params: int = 0, image_tokens_share: float = 0.0,
                     recompute: bool = False) -> float:
-    """Training FLOPs per sequence token (see the module docstring). `image_tokens_share`: the fraction of sequence
+    """Training FLOPs per sequence token (see the module docstring); `weight_grads`: the LLM's weights get
+    gradients (full fine-tuning; not Stage 1's frozen LLM, nor LoRA's frozen base). `image_tokens_share`: the fraction of sequence
     tokens that are image tokens; the vision tower runs forward once per image patch token."""
     n_params = llm_params(llm)
-    dense = (6 if llm_trains else 4) * n_params
+    dense = (6 if weight_grads else 4) * n_params
     attention = 12 * llm["num_hidden_layers"] * llm["hidden_size"] * seq
     recomputed = (2 * n_params + 4 * llm["num_hidden_layers"] * llm["hidden_size"] * seq) if recompute else 0
     return dense + attention + recomputed + 2 * vision_params * image_tokens_share
