@@ -142,6 +142,7 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_merges(llama_tokenizer_dir, sh
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
     assert layer.base_layer.weight.quant_state.nested  # double quantisation
     assert layer.base_layer.weight.quant_type == "nf4"
+    assert layer.base_layer.compute_dtype == torch.float32  # the 4-bit layers compute in model.llm.dtype (fp32 here)
     assert all(p.dtype == torch.float32 for p in model.projector.parameters())  # the projector stays full precision
     del model
     train(cfg)

@@ -16,7 +16,7 @@ from llava_sft.merge_lora import merge_lora
 from llava_sft.model.llava import LlavaModel
 from llava_sft.model.lora import LoraSettings
 from llava_sft.train.engine import DeepSpeedConfigError
-from llava_sft.train.trainer import train
+from llava_sft.train.trainer import build, train
 from tests.test_deepspeed import REL, ds_json, rows, shapes, stage2_from_pretrained, torchrun  # noqa: F401
 
 
@@ -39,8 +39,18 @@ def test_lora_under_deepspeed_matches_one_process(llama_tokenizer_dir, shapes, t
              29761)
     want, got = rows(tmp_path / "plain"), rows(tmp_path / "ds")
     assert len(got) == 4 and got[-1]["loss"] < got[0]["loss"]
-    # bf16: weights and activations rounded to 8 mantissa bits (fp32 master weights in the engine)
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=2e-3 if bf16 else REL)
+    # fp32 (4-bit layers compute in model.llm.dtype, fp32 here): REL, gradients summed in another order. bf16: the
+    # engine's forward rounds weights and activations to 8 significant bits (unit roundoff 2^-8 ~ 4e-3), a few
+    # roundings deep, so ~1 % is all the arithmetic guarantees (measured ~1e-4). The NF4 corruption this case is for
+    # is asserted bit-exactly below: this near-uniform model's loss (~ln V) moves only ~0.3 % with scrambled NF4 codes
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-2 if bf16 else REL)
+    if bf16:  # DeepSpeed's bf16 engine calls module.bfloat16(): every 4-bit weight and its quantisation state
+        # (block scales, code books) must come through bit-identical
+        model, _, _ = build(lora_run(llama_tokenizer_dir, shapes, tmp_path, "probe", quantize), torch.device("cpu"))
+        before = {k: v.clone() for k, v in model.state_dict().items() if ".base_layer.weight" in k}
+        after = model.bfloat16().state_dict()
+        assert model.quantized and any(v.dtype == torch.uint8 for v in before.values())
+        assert all(torch.equal(v, after[k]) for k, v in before.items())
     if not bf16:  # the output is the single-process LoRA format: adapter + projector, the same tensors
         for name in ("llm/adapter_model.safetensors", "projector.safetensors"):
             a, b = load_file(tmp_path / "ds" / name), load_file(tmp_path / "plain" / name)
@@ -66,7 +76,7 @@ def test_profile_memory_counts_weights_gradients_and_adam_states(llama_tokenizer
     (benchmarks/scale.py's arithmetic), up to the batch and small buffers."""
     import gc
 
-    from llava_sft.train.trainer import build, live_tensor_gb
+    from llava_sft.train.trainer import live_tensor_gb
 
     cfg = stage2_from_pretrained(llama_tokenizer_dir, shapes, tmp_path, "run", global_batch_size=4,
                                  micro_batch_size=4, profile_memory=True)

@@ -90,7 +90,7 @@ class LlavaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = vision if vision is not None else build_vision_tower(cfg.vision)
-        self.llm = llm if llm is not None else build_llm(cfg.llm, quantization_config(cfg.lora, torch.bfloat16))
+        self.llm = llm if llm is not None else build_llm(cfg.llm, quantization_config(cfg.lora, DTYPES[cfg.llm.dtype]))
         self.llm.config.use_cache = False
         self.projector = build_projector(cfg.projector, self.vision_tower.hidden_size, self.llm_hidden_size)
 

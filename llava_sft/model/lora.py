@@ -4,6 +4,9 @@ the LLM only (never the vision tower, the projector or lm_head); the projector t
     model.lora: {r: 128, alpha: 256, dropout: 0.05}                 # LoRA
     model.lora: {r: 128, alpha: 256, dropout: 0.05, quantize: nf4}  # QLoRA: 4-bit NF4 base, double quant
 
+QLoRA's 4-bit layers compute (dequantise and multiply) in the LLM's dtype, `model.llm.dtype`, as LLaVA's train.py
+sets bnb_4bit_compute_dtype from --bf16: bfloat16 (the QLoRA recipe) computes in bf16, float32 in fp32.
+
 A LoRA run's model directory keeps the adapter (`llm/adapter_model.safetensors` +
 `adapter_config.json`) and names its base LLM (`model.llm.path` in `llava_config.json`);
 `python -m llava_sft.merge_lora` folds the adapter into a plain model directory that loads without peft.
@@ -35,7 +38,8 @@ class LoraSettings:
 
 
 def quantization_config(settings: LoraSettings | None, compute_dtype: torch.dtype):
-    """The bitsandbytes config for a QLoRA base model (None for plain LoRA / full fine-tuning)."""
+    """The bitsandbytes config for a QLoRA base model (None for plain LoRA / full fine-tuning); `compute_dtype` is
+    the LLM's dtype (model.llm.dtype)."""
     if settings is None or settings.quantize is None:
         return None
     try:
