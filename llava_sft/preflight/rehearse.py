@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -74,8 +75,14 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _tail(log: Path, n: int = 12) -> str:
+def _tail(log: Path, n: int = 8) -> str:
+    """The run's own error line (`[train] error: ...`, or the first exception line of rank 0), else the last lines
+    (torchrun's summary after a failure names no cause)."""
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    for pattern in (r"^\[train\] error: ", r"^(\[rank0\]: )?[\w.]*(Error|Exception): "):
+        found = [ln for ln in lines if re.search(pattern, ln)]
+        if found:
+            return re.sub(r"^\[rank\d+\]: ", "", found[0])
     return "\n".join(lines[-n:])
 
 
@@ -214,9 +221,11 @@ def rehearse(config: str, overrides: list[str], nproc: int | None, steps: int, g
     rows = _rows(run_dir)
     checks.append(Check(f"rehearsal ran ({stage_script}, {nproc} process(es), {steps} steps)",
                         "PASS" if rc == 0 and len(rows) == steps else "FAIL", f"exit {rc}, {len(rows)} steps" +
-                        ("" if rc == 0 else f"; log {log}:\n{_tail(log)}")))
+                        ("" if rc == 0 else f" ({log}): {_tail(log)}")))
     facts = [json.loads(p.read_text()) for p in sorted(workdir.glob("probe.json.rank*"))]
     active = True
+    if rc != 0 and rows:  # e.g. stopped by a non-finite loss: the losses it logged are the finding
+        checks += loss_checks(cfg, rows, steps)[:1]
     if rc == 0 and facts:
         probe, active = probe_checks(cfg, facts, expected_trainable(cfg, twin_llm, 64))
         checks += probe + loss_checks(cfg, rows, steps)
@@ -272,7 +281,7 @@ def _resume_check(config, overrides, over, nproc, stage_script, workdir: Path, r
                  nproc, stage_script, {}, log, timeout)
     again = _rows(resumed)
     if rc != 0 or not again:
-        return Check("checkpoint resumes to the same next loss", "FAIL", f"exit {rc}; log {log}:\n{_tail(log)}")
+        return Check("checkpoint resumes to the same next loss", "FAIL", f"exit {rc} ({log}): {_tail(log)}")
     a, b = again[-1]["loss"], rows[-1]["loss"]
     # the same kernels on the same machine from the same state: equal up to the last printed digit (6 decimals)
     ok = again[-1]["step"] == steps and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)

@@ -8,10 +8,14 @@ All GPUs of a node (the global batch is kept constant through gradient accumulat
 or simply `bash scripts/stage1.sh` then `bash scripts/stage2.sh` (see README). With `train.deepspeed=<json>`
 (configs/deepspeed/) the same torchrun command trains under DeepSpeed ZeRO-2/3; on a CPU-only machine
 DeepSpeed needs DS_ACCELERATOR=cpu (set automatically when unset).
+
+Exit codes: 0 done, 2 config error, 3 a non-finite loss or gradient norm stopped the run (nothing saved from it).
 """
 import sys
 
 from llava_sft.config import ConfigError, load_config
+
+EXIT_NON_FINITE = 3  # a step's loss or gradient norm was not finite (the message names the step and its samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,14 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from llava_sft.train.trainer import train
+    import os
 
-    train(cfg)
     import torch.distributed as dist
 
+    from llava_sft.train.trainer import NonFiniteStepError, train
+
+    code = 0
+    try:
+        train(cfg)
+    except NonFiniteStepError as e:  # every rank stops at the same step; one line, from rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[train] error: {e}", file=sys.stderr)
+        code = EXIT_NON_FINITE
     if dist.is_initialized():  # torchrun / DeepSpeed: shut the process group down before the interpreter exits
         dist.destroy_process_group()  # (left to interpreter teardown, gloo's threads can abort the process)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

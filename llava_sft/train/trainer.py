@@ -357,7 +357,14 @@ def train(cfg: RunConfig) -> Path:
         t0 = time.perf_counter()
         micro = next(batches)
         t_data = time.perf_counter() - t0
-        row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, dataset.report, ds)
+        try:
+            row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast,
+                              dataset.report, ds)
+        except NonFiniteStepError as e:
+            e.step = step + 1
+            bar.close()
+            metrics.close()
+            raise
         step += 1
         t_step = time.perf_counter() - t0
         if probe is not None:
@@ -451,9 +458,12 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
     row = accumulate_gradients(model, ddp, micro, world, device, use_autocast, ds)
     if t_cfg.profile_memory:  # weights, gradients and (from the 2nd step) optimizer states are all live here
         row["live_tensor_gb"] = live_tensor_gb(model, device, world)
+    lr = scheduler.get_last_lr()[0]
+    # the loss is the global one (all-reduced), the same on every rank: all ranks stop together
+    _stop_if_non_finite(row["loss"], None, micro, world, applied=False, lr=lr)
     if ds is not None:  # clipping (gradient_clipping = train.grad_clip), optimizer and schedule: the engine
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = ds.step()
+        grad_norm = ds.step()  # DeepSpeed computes the global norm inside its step: checked after it
+        _stop_if_non_finite(row["loss"], grad_norm, micro, world, applied=True, lr=lr)
         row.update(loss=round(row["loss"], 6), lr=lr, grad_norm=round(grad_norm, 6))
         return row
     params = [p for p in model.parameters() if p.requires_grad]
@@ -462,12 +472,42 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
-    lr = scheduler.get_last_lr()[0]
+    _stop_if_non_finite(row["loss"], float(grad_norm), micro, world, applied=False, lr=lr)  # synced gradients
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     row.update(loss=round(row["loss"], 6), lr=lr, grad_norm=round(float(grad_norm), 6))
     return row
+
+
+class NonFiniteStepError(RuntimeError):
+    """A step whose loss or gradient norm is not finite: the run stops, and nothing is saved from that step on."""
+
+    def __init__(self, loss: float, grad_norm: float | None, ids: list, applied: bool, lr: float):
+        super().__init__()
+        self.loss, self.grad_norm, self.ids, self.applied, self.lr, self.step = loss, grad_norm, ids, applied, lr, None
+
+    def __str__(self) -> str:
+        norm = "" if self.grad_norm is None else f", gradient norm {self.grad_norm}"
+        shown = ", ".join(map(str, self.ids[:20])) + (f" ... ({len(self.ids)} in all)" if len(self.ids) > 20 else "")
+        return (f"step {self.step}: loss {self.loss}{norm} -- not finite. The step was "
+                f"{'applied by the engine' if self.applied else 'not applied'}; nothing is saved from it (no "
+                f"checkpoint, no final model: resume=auto continues from the last periodic checkpoint). Samples of "
+                f"the step: {shown}. Fix: a lower train.lr (now {self.lr:g} at this step) or a longer warmup; check "
+                f"these samples with python -m llava_sft.inspect.")
+
+
+def _stop_if_non_finite(loss: float, grad_norm: float | None, micro: list[dict], world: int, applied: bool,
+                        lr: float) -> None:
+    """Raise NonFiniteStepError on every rank (the values are global) naming the samples of all ranks."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    ids = [i for b in micro for i in b.get("ids", [])]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, ids)
+        ids = [i for part in gathered for i in part]
+    raise NonFiniteStepError(loss, grad_norm, ids, applied, lr)
 
 
 def epoch_steps(plan: BatchPlan | StreamPlan, dataset, epoch: int, start: int, collate,
