@@ -70,7 +70,10 @@ class TrainConfig:
     # DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json): ZeRO-2/3 as the distributed
     # engine, launched with torchrun like DDP; null = plain DDP / single process. See train/engine.py.
     deepspeed: str | None = None
-    save_every: int = 0  # periodic checkpoint every N optimizer steps (0 = only at the end)
+    save_every: int = 0  # periodic checkpoint every N optimizer steps (0 = by steps never; see save_every_minutes)
+    # and a periodic checkpoint whenever this many minutes passed since the last one (0 = off): a job killed
+    # without warning loses at most this much; SIGTERM / SIGUSR1 (pre-emption notice) save at the next step
+    save_every_minutes: float = 30.0
     # "auto": continue from the latest complete checkpoint in output_dir/checkpoints (if any);
     # "never": start from scratch (old checkpoints in output_dir are deleted); or a step_N directory.
     resume: str = "auto"

@@ -52,11 +52,15 @@ def test_every_shipped_recipe_passes_preflight(config, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_a_planted_fault_fails_preflight_naming_the_check(tmp_path):
-    """train.lr=1e12: the loss is not finite/falling; the exit code is 1 and the table says which check."""
-    proc, result = preflight(tmp_path, REPO / "configs" / "llava_v1_5" / "stage1_pretrain_7b.yaml", "train.lr=1e12",
+    """train.lr=1e12 on Stage 2: the loss goes non-finite, the rehearsal stops with the trainer's own one-line
+    error, and the table fails the run and the loss check; exit code 1."""
+    proc, result = preflight(tmp_path, REPO / "configs" / "llava_v1_5" / "stage2_finetune_7b.yaml", "train.lr=1e12",
                              "--nproc", "1")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert status(result)["loss finite and falling (same samples every step)"] == "FAIL"
+    checks = status(result)
+    assert checks["loss finite and falling (same samples every step)"] == "FAIL"
+    [ran] = [c for c in result["checks"] if c["name"].startswith("rehearsal ran")]
+    assert ran["status"] == "FAIL" and "[train] error: step" in ran["value"] and "not finite" in ran["value"]
     assert "preflight FAILED" in proc.stdout and "FAIL  loss finite and falling" in proc.stdout
 
 

@@ -133,3 +133,46 @@ def test_resume_from_an_explicit_checkpoint(llama_tokenizer_dir, shapes_dir, tmp
     assert [r["loss"] for r in rows(tmp_path / "second")] == [r["loss"] for r in rows(first)][2:]
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         train(run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "third", stage=1, resume=str(tmp_path / "nope")))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_a_checkpoint_exits_75_and_resumes_exactly(llama_tokenizer_dir, shapes_dir, tmp_path,
+                                                                            sig):
+    """What SLURM / Kubernetes send before killing a job: the run finishes its step, every rank writes the
+    checkpoint, the process exits 75; the same command continues exactly (save_every off: the notice alone saves)."""
+    ref_cfg, ref_dir = config_file(llama_tokenizer_dir, shapes_dir, tmp_path, 2, "reference")
+    assert launch(ref_cfg).wait(timeout=300) == 0
+
+    out = tmp_path / "preempted"
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, out, stage=2, max_steps=STEPS, save_every=0, keep_last=2,
+                     seed=11)
+    cfg.data.group_by_modality = True
+    path = tmp_path / "preempted.yaml"
+    save_config(cfg, path)
+    proc = launch(path)
+    deadline = time.time() + 300
+    while logged_steps(out) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    saved = [int(p.name.split("_")[1]) for p in ckpt.list_checkpoints(out / "checkpoints")]
+    assert len(saved) == 1 and 3 <= saved[0] < STEPS and f"{sig.name} received: stopped after step {saved[0]}" in err
+    assert not (out / "report.json").exists()
+
+    proc = launch(path)  # the same command again
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    got, want = rows(out), rows(ref_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_checkpoints_by_minutes_are_on_by_default(llama_tokenizer_dir, shapes_dir, tmp_path):
+    from llava_sft.config import TrainConfig
+
+    assert TrainConfig().save_every_minutes == 30.0  # a job killed without notice loses at most 30 minutes
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=1, max_steps=3, save_every=0,
+                     save_every_minutes=1e-9, keep_last=5)  # due after every step
+    train(cfg)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_1", "step_2"]

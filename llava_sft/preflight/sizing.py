@@ -79,8 +79,9 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
         per_token = memory.flops_per_token(llm, round(mean_tokens), method == "full", vision_params,
                                            image_tokens / mean_tokens if mean_tokens else 0.0)
         out["steps"] = math.ceil(samples / cfg.train.global_batch_size) * math.ceil(cfg.train.epochs)
-        out["hours"] = {name: round(memory.hours(tokens * per_token, num_gpus, gpu, mfu), 1)
-                        for name, gpu in memory.GPUS.items()}
+        hours = {name: memory.hours(tokens * per_token, num_gpus, gpu, mfu) for name, gpu in memory.GPUS.items()}
+        out["hours"] = {name: round(h, 1) for name, h in hours.items()}
+        out["seconds_per_step"] = {name: round(h * 3600 / out["steps"], 2) for name, h in hours.items()}
     return out
 
 
@@ -90,12 +91,12 @@ def sizing_table(s: dict, chosen: str) -> str:
              f"micro-batch {s['micro_batch_size']} x {s['seq_for_memory']} tokens, gradient checkpointing "
              f"{'on' if s['checkpointing_in_projection'] else 'OFF'} (as measured)",
              f"  model states {s['states_gib']} GiB + activations and logits {s['activations_gib']} GiB per GPU",
-             f"  {'GPU':<11} {'peak GiB':>9} {'fits (90 %)':>12} {'largest micro':>14} {'hours':>7}"]
+             f"  {'GPU':<11} {'peak GiB':>9} {'fits (90 %)':>12} {'largest micro':>14} {'s/step':>7} {'hours':>7}"]
     for name, g in s["gpus"].items():
-        hours = s.get("hours", {}).get(name, "?")
+        hours, step = s.get("hours", {}).get(name, "?"), s.get("seconds_per_step", {}).get(name, "?")
         mark = " <- --gpu" if name == chosen else ""
         lines.append(f"  {name:<11} {g['peak_gib']:>9} {'yes' if g['fits'] else 'NO':>12} "
-                     f"{g['largest_micro_batch_that_fits']:>14} {hours:>7}{mark}")
+                     f"{g['largest_micro_batch_that_fits']:>14} {step:>7} {hours:>7}{mark}")
     if "hours" in s:
         lines.append(f"  hours: {s['samples']:,} samples x {s['mean_tokens_per_sample']} tokens (assumed mean), "
                      f"{s['steps']} steps, at MFU {s['mfu']:.2f}")

@@ -9,13 +9,15 @@ or simply `bash scripts/stage1.sh` then `bash scripts/stage2.sh` (see README). W
 (configs/deepspeed/) the same torchrun command trains under DeepSpeed ZeRO-2/3; on a CPU-only machine
 DeepSpeed needs DS_ACCELERATOR=cpu (set automatically when unset).
 
-Exit codes: 0 done, 2 config error, 3 a non-finite loss or gradient norm stopped the run (nothing saved from it).
+Exit codes: 0 done, 2 config error, 3 a non-finite loss or gradient norm stopped the run (nothing saved from it),
+75 pre-empted (SIGTERM or SIGUSR1: a checkpoint of the last finished step was written; run again to resume).
 """
 import sys
 
 from llava_sft.config import ConfigError, load_config
 
 EXIT_NON_FINITE = 3  # a step's loss or gradient norm was not finite (the message names the step and its samples)
+EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint written, run again to resume (sysexits' EX_TEMPFAIL: "try again")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from llava_sft.train.trainer import NonFiniteStepError, train
+    from llava_sft.train.rundir import RunDirLocked
+    from llava_sft.train.trainer import NonFiniteStepError, Preempted, train
 
     code = 0
     try:
@@ -41,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] error: {e}", file=sys.stderr)
         code = EXIT_NON_FINITE
+    except RunDirLocked as e:
+        print(f"[train] error: {e}", file=sys.stderr)
+        code = 2
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[train] pre-empted: {e}", file=sys.stderr)
+        code = EXIT_PREEMPTED
     if dist.is_initialized():  # torchrun / DeepSpeed: shut the process group down before the interpreter exits
         dist.destroy_process_group()  # (left to interpreter teardown, gloo's threads can abort the process)
     return code

@@ -26,6 +26,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +50,7 @@ from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
 from llava_sft.train import checkpoint as ckpt
 from llava_sft.train import engine
 from llava_sft.train.probe import Probe
+from llava_sft.train.rundir import RunDirLock
 from llava_sft.train.logger import MetricsLogger, plot_loss_curve
 
 log = logging.getLogger("llava_sft.train")
@@ -270,6 +273,17 @@ def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan | Str
 
 
 def train(cfg: RunConfig) -> Path:
+    # one live run per output_dir (rank 0 holds the lock; a refusal there ends the torchrun job before any work)
+    lock = RunDirLock(Path(cfg.train.output_dir)).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        with PreemptionNotice() as preemption:  # the signal handlers are the previous ones again afterwards
+            return _train(cfg, preemption)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
     ds = None
     if cfg.train.deepspeed:  # checked before anything starts: a bad DeepSpeed JSON is a clear error now
         cuda = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
@@ -349,6 +363,7 @@ def train(cfg: RunConfig) -> Path:
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc=cfg.run_name, dynamic_ncols=True)
+    last_save = time.monotonic()  # with `preemption` (SIGTERM / SIGUSR1): checkpoint at the next step boundary
     batches = None
     while step < total_steps:
         epoch, in_epoch = divmod(step, plan.steps_per_epoch)
@@ -379,9 +394,17 @@ def train(cfg: RunConfig) -> Path:
             metrics.log(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         bar.update(1)
-        if t_cfg.save_every and step % t_cfg.save_every == 0 and step < total_steps:
-            _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, dataset, n_startup_skips,
-                           rank, world, ds)
+        by_steps = bool(t_cfg.save_every) and step % t_cfg.save_every == 0
+        by_time = bool(t_cfg.save_every_minutes) and time.monotonic() - last_save >= 60 * t_cfg.save_every_minutes
+        stop, by_time = _agree([preemption.requested, by_time], device, world)  # every rank decides the same
+        if step < total_steps and (by_steps or by_time or stop):
+            path = _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, dataset, n_startup_skips,
+                                  rank, world, ds)
+            last_save = time.monotonic()
+            if stop:
+                bar.close()
+                metrics.close()
+                raise Preempted(step, preemption.signal_name, path)
     bar.close()
     metrics.close()
     if probe is not None:
@@ -478,6 +501,50 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
     optimizer.zero_grad(set_to_none=True)
     row.update(loss=round(row["loss"], 6), lr=lr, grad_norm=round(float(grad_norm), 6))
     return row
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 arrived: every rank wrote the checkpoint of the step just finished (the CLI exits 75)."""
+
+    def __init__(self, step: int, signal_name: str, path):
+        super().__init__(f"{signal_name} received: stopped after step {step} with a checkpoint in {path}; run the "
+                         f"same command again to continue (train.resume=auto)")
+
+
+class PreemptionNotice:
+    """Remembers SIGTERM (what SLURM and Kubernetes send before killing a job; torchrun forwards it to every rank
+    and waits 30 s) and SIGUSR1 (SLURM's --signal=USR1@SECONDS notice) instead of dying mid-step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal_name, self._previous = "", {}
+
+    def __enter__(self) -> "PreemptionNotice":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signal_name)
+
+
+def _agree(flags: list[bool], device: torch.device, world: int) -> list[bool]:
+    """Each flag true on any rank -> true on every rank (one tiny all-reduce per step): a rank that got the signal
+    a moment later, or whose clock says a checkpoint is due, must not leave the others waiting in a collective."""
+    if world == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 class NonFiniteStepError(RuntimeError):
@@ -622,6 +689,7 @@ def _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, data
                                 write_collective=ds.save if ds is not None else None)
     if rank == 0:
         log.info("saved checkpoint %s", path)
+    return path
 
 
 def _gather_skip_reports(dataset, n_startup_skips: int, world: int) -> None:
