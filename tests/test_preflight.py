@@ -98,3 +98,38 @@ def test_sizing_arithmetic_counts_what_the_modules_hold():
 
 def test_reference_lrs_are_transformers_and_warm_up_from_zero():
     assert reference_lrs(1e-3, 4, 0.03, "cosine") == pytest.approx([0.0, 1e-3, 7.5e-4, 2.5e-4])
+
+
+def test_twins_take_the_real_parts_that_are_on_disk(llama_tokenizer_dir, write_pngs, tmp_path, monkeypatch):
+    """With the data, the LLM config and the tokenizer on disk, the twins use them (the first records of the real
+    JSON with its image folder, the local config.json's architecture, the real tokenizer); without, stand-ins."""
+    import shutil
+
+    from llava_sft.config import load_config
+    from llava_sft.preflight import twin
+
+    root = tmp_path / "root"
+    write_pngs(root / "LLaVA-Pretrain" / "images", [f"{i:03d}.png" for i in range(12)])
+    records = [{"id": f"r{i}", "image": f"{i:03d}.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": f"Caption {i}."}]}
+        for i in range(12)]
+    (root / "LLaVA-Pretrain" / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(records))
+    llm = tmp_path / "my-llm"
+    shutil.copytree(llama_tokenizer_dir, llm)
+    real = dict(twin.KNOWN_LLMS["lmsys/vicuna-7b-v1.5"], num_key_value_heads=8, vocab_size=1000)
+    (llm / "config.json").write_text(json.dumps(real))
+    monkeypatch.setenv("LLAVA_DATA_ROOT", str(root))
+    monkeypatch.setenv("LLAVA_LLM", str(llm))
+    cfg = load_config(REPO / "configs" / "llava_v1_5" / "stage1_pretrain_7b.yaml")
+    over, source, _ = twin.make_data(cfg, 8, tmp_path)
+    assert json.loads(Path(over["data.path"]).read_text()) == records[:8] and "the first 8 records" in source
+    assert over["data.image_folder"] == str(root / "LLaVA-Pretrain" / "images")
+    config, where = twin.real_llm_config(cfg.model.llm.path)
+    assert config == real and where == str(llm / "config.json")
+    tokenizer, what = twin.make_tokenizer(cfg, [], tmp_path)
+    assert "the real tokenizer" in what
+    out, fields = twin.make_llm_twin(config, tokenizer, tmp_path / "twin", vocab_size=1000)
+    assert fields["model_type"] == "llama" and fields["num_hidden_layers"] == 2
+    assert fields["num_key_value_heads"] == 1  # grouped-query layout kept: 32 heads / 8 kv -> 4 / 1
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "tokenizer.model").is_file()
