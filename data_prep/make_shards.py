@@ -75,7 +75,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_sft.data.dataset import image_list
+from llava_sft.data.dataset import image_list, read_records
 from llava_sft.data.templates import BadSampleError
 
 FORMAT = "llava_sft.shards/1"
@@ -302,9 +302,10 @@ def convert(data: str | Path, image_folder: str | Path, out: str | Path, samples
     if samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be >= 1")
     raw = data.read_bytes()
-    records = json.loads(raw)
-    if not isinstance(records, list):
-        raise ConversionError(f"{data}: expected a JSON list of samples")
+    try:
+        records = read_records(data)  # a JSON list or JSONL
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
     log.info("%s: checking %d records and their image files", data, len(records))
     items, bad = check_records(records, folder, threads=4 * max(1, workers), verify=verify_images)
     if bad and not skip_bad:

@@ -130,7 +130,80 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfi
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    return from_dict(cls, raw, where="")
+    cfg = from_dict(cls, raw, where="")
+    return validate(cfg) if cls is RunConfig else cfg
+
+
+# --------------------------------------------------------------------------- values
+# Checked when the config is loaded (and again when training starts), before anything heavy: a typo here used to
+# surface minutes later, after a 7B model had loaded, or never (train.device=gpu trained on the CPU).
+CHOICES = {
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.lr_schedule": ("cosine", "constant"),
+    "data.overlong": ("truncate", "drop"),
+    "data.bad_samples": ("error", "skip"),
+    "model.image_aspect": ("pad", "square"),
+    "model.llm.dtype": ("float32", "bfloat16", "float16"),
+    "model.llm.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.vision.select_feature": ("patch", "cls_patch"),
+}
+# key -> (lowest allowed, whether the lowest is excluded); None values mean "not set" where the type allows it
+RANGES = {
+    "train.global_batch_size": (1, False), "train.micro_batch_size": (1, False), "train.epochs": (0, True),
+    "train.max_steps": (1, False), "train.lr": (0, True), "train.projector_lr": (0, True),
+    "train.warmup_ratio": (0, False), "train.grad_clip": (0, False), "train.weight_decay": (0, False),
+    "train.save_every": (0, False), "train.save_every_minutes": (0, False), "train.keep_last": (1, False),
+    "train.log_every": (1, False), "data.max_length": (2, False), "data.num_workers": (0, False),
+    "data.shuffle_buffer": (0, False), "data.pack_max_tokens": (2, False),
+}
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Every enum-like value against its allowed values (registries included), every size against its range."""
+    errors = []
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value).lower(), allowed, n=1)
+            errors.append(f"{key}={value!r} is not one of {', '.join(allowed)}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for key, (low, exclusive) in RANGES.items():
+        value = _get(cfg, key)
+        if value is not None and (value <= low if exclusive else value < low):
+            errors.append(f"{key}={value!r} must be {'>' if exclusive else '>='} {low}")
+    if not cfg.train.warmup_ratio < 1:
+        errors.append(f"train.warmup_ratio={cfg.train.warmup_ratio!r} must be < 1")
+    errors += _registry_errors(cfg)
+    if errors:
+        raise ConfigError("invalid config values:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _registry_errors(cfg: RunConfig) -> list[str]:
+    """Names that registries define: templates, vision towers, projectors."""
+    from llava_sft.data.templates import list_templates
+    from llava_sft.model.projector import _MLP, PROJECTORS
+    from llava_sft.model.vision import list_vision_towers
+
+    errors = []
+    for key in ("data.template", "model.template"):
+        if _get(cfg, key) not in list_templates():
+            errors.append(f"{key}={_get(cfg, key)!r} is not a chat template: {', '.join(list_templates())}")
+    if cfg.model.vision.name not in list_vision_towers():
+        errors.append(f"model.vision.name={cfg.model.vision.name!r} is not a registered vision tower: "
+                      f"{', '.join(list_vision_towers())}")
+    match = _MLP.match(cfg.model.projector)
+    if cfg.model.projector not in PROJECTORS and not (match and int(match.group(1)) >= 1):
+        errors.append(f"model.projector={cfg.model.projector!r} is not a projector: {', '.join(PROJECTORS)} or "
+                      f"mlp<N>x_gelu")
+    return errors
 
 
 def from_dict(cls, data: dict, where: str = ""):

@@ -67,6 +67,34 @@ def image_list(record: dict, sample_id="?") -> list[str]:
     raise BadSampleError(sample_id, f"bad 'image' field: expected a path or a list of paths, got {image!r}")
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """The samples of a LLaVA JSON file (a list of records) or of a JSONL file (one record per line, as instruction
+    data often comes, whatever the file is called): the first non-blank character decides ('{' = JSONL). A bad
+    line is an error naming it."""
+    text = Path(path).read_text()
+    if text.lstrip()[:1] != "{":  # a JSON list (anything else that is not JSONL fails here, with the reason)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); a file with one record per line must be JSONL (a "
+                             f"JSON object per line, no enclosing list)") from e
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of samples (or JSONL: one JSON object per line)")
+        return records
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number}: not a JSON object ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object (a sample), got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
 class LlavaJsonDataset(Dataset):
     def __init__(
         self,
@@ -90,9 +118,7 @@ class LlavaJsonDataset(Dataset):
         self.tokens_per_image, self.max_length = tokens_per_image, max_length
         self.overlong, self.bad_samples = overlong, bad_samples
         self.report = SkipReport()
-        records = json.loads(Path(json_path).read_text())
-        if not isinstance(records, list):
-            raise ValueError(f"{json_path}: expected a JSON list of samples")
+        records = read_records(json_path)
         log.info("%s: checking %d records%s", json_path, len(records), " and their image files" if check_images else "")
         self.records = self._check_all(records, check_images)
         log.info("%s: %d samples (%d with images), %d rejected at start-up", json_path, len(self.records),

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from llava_sft.config import RunConfig, load_config
 from llava_sft.constants import IMAGE_TOKEN_INDEX
-from llava_sft.data.dataset import fit_length, image_list
+from llava_sft.data.dataset import fit_length, image_list, read_records
 from llava_sft.data.templates import BadSampleError, get_template
 from llava_sft.data.tokenize import tokenize_conversation
 
@@ -75,9 +75,7 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.llm.path, use_fast=cfg.model.tokenizer_use_fast)
     template = get_template(data.template, cfg.model.system_prompt)
     per_image = tokens_per_image(cfg)
-    records = json.loads(Path(data.path).read_text())
-    if not isinstance(records, list):
-        raise ValueError(f"{data.path}: expected a JSON list of samples")
+    records = read_records(data.path)
 
     problems: dict[str, list[tuple[str, str]]] = defaultdict(list)
     ids_seen: Counter = Counter()

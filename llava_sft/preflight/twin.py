@@ -196,9 +196,11 @@ def generated_records(n: int, template: str, image_folder: Path, seed: int = 0) 
 
 def make_data(cfg, n: int, out_dir: Path) -> tuple[dict, str, list[str]]:
     """(data.* overrides, where the records came from, their texts for a stand-in tokenizer)."""
+    from llava_sft.data.dataset import read_records
+
     real = Path(cfg.data.path) if cfg.data.path else None
     if real is not None and real.is_file():
-        records = json.loads(real.read_text())[:n]
+        records = read_records(real)[:n]
         source = f"the first {len(records)} records of {real} (images from {cfg.data.image_folder})"
         folder = cfg.data.image_folder
     else:

@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from llava_sft.train.guards import NonFiniteStepError, Preempted
     from llava_sft.train.rundir import RunDirLocked
-    from llava_sft.train.trainer import NonFiniteStepError, Preempted, train
+    from llava_sft.train.trainer import train
 
     code = 0
     try:

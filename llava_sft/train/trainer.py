@@ -26,8 +26,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from llava_sft.config import RunConfig, save_config, to_dict
+from llava_sft.config import RunConfig, save_config, to_dict, validate
 from llava_sft.constants import IGNORE_INDEX
 from llava_sft.data.dataset import Collator, LlavaJsonDataset
 from llava_sft.data.images import ImageProcessor
@@ -49,9 +47,10 @@ from llava_sft.data.templates import get_template
 from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
 from llava_sft.train import checkpoint as ckpt
 from llava_sft.train import engine
+from llava_sft.train.guards import NonFiniteStepError, Preempted, PreemptionNotice, agree, stop_if_non_finite
+from llava_sft.train.logger import MetricsLogger, plot_loss_curve
 from llava_sft.train.probe import Probe
 from llava_sft.train.rundir import RunDirLock
-from llava_sft.train.logger import MetricsLogger, plot_loss_curve
 
 log = logging.getLogger("llava_sft.train")
 
@@ -273,6 +272,7 @@ def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan | Str
 
 
 def train(cfg: RunConfig) -> Path:
+    validate(cfg)  # load_config did already; a config built in code gets the same checks before anything loads
     # one live run per output_dir (rank 0 holds the lock; a refusal there ends the torchrun job before any work)
     lock = RunDirLock(Path(cfg.train.output_dir)).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     try:
@@ -325,6 +325,7 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
     model.train()
     plan = make_plan(cfg, dataset, world, rank)
     total_steps = t_cfg.max_steps or math.ceil(t_cfg.epochs * plan.steps_per_epoch)
+    warn_about_repeats(plan.repeated_per_epoch(), dataset_size(dataset), t_cfg.global_batch_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
@@ -396,7 +397,7 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
         bar.update(1)
         by_steps = bool(t_cfg.save_every) and step % t_cfg.save_every == 0
         by_time = bool(t_cfg.save_every_minutes) and time.monotonic() - last_save >= 60 * t_cfg.save_every_minutes
-        stop, by_time = _agree([preemption.requested, by_time], device, world)  # every rank decides the same
+        stop, by_time = agree([preemption.requested, by_time], device, world)  # every rank decides the same
         if step < total_steps and (by_steps or by_time or stop):
             path = _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, dataset, n_startup_skips,
                                   rank, world, ds)
@@ -483,10 +484,10 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
         row["live_tensor_gb"] = live_tensor_gb(model, device, world)
     lr = scheduler.get_last_lr()[0]
     # the loss is the global one (all-reduced), the same on every rank: all ranks stop together
-    _stop_if_non_finite(row["loss"], None, micro, world, applied=False, lr=lr)
+    stop_if_non_finite(row["loss"], None, micro, world, applied=False, lr=lr)
     if ds is not None:  # clipping (gradient_clipping = train.grad_clip), optimizer and schedule: the engine
         grad_norm = ds.step()  # DeepSpeed computes the global norm inside its step: checked after it
-        _stop_if_non_finite(row["loss"], grad_norm, micro, world, applied=True, lr=lr)
+        stop_if_non_finite(row["loss"], grad_norm, micro, world, applied=True, lr=lr)
         row.update(loss=round(row["loss"], 6), lr=lr, grad_norm=round(grad_norm, 6))
         return row
     params = [p for p in model.parameters() if p.requires_grad]
@@ -495,86 +496,12 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
-    _stop_if_non_finite(row["loss"], float(grad_norm), micro, world, applied=False, lr=lr)  # synced gradients
+    stop_if_non_finite(row["loss"], float(grad_norm), micro, world, applied=False, lr=lr)  # synced gradients
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     row.update(loss=round(row["loss"], 6), lr=lr, grad_norm=round(float(grad_norm), 6))
     return row
-
-
-class Preempted(RuntimeError):
-    """SIGTERM or SIGUSR1 arrived: every rank wrote the checkpoint of the step just finished (the CLI exits 75)."""
-
-    def __init__(self, step: int, signal_name: str, path):
-        super().__init__(f"{signal_name} received: stopped after step {step} with a checkpoint in {path}; run the "
-                         f"same command again to continue (train.resume=auto)")
-
-
-class PreemptionNotice:
-    """Remembers SIGTERM (what SLURM and Kubernetes send before killing a job; torchrun forwards it to every rank
-    and waits 30 s) and SIGUSR1 (SLURM's --signal=USR1@SECONDS notice) instead of dying mid-step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signal_name, self._previous = "", {}
-
-    def __enter__(self) -> "PreemptionNotice":
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _note(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    @property
-    def requested(self) -> bool:
-        return bool(self.signal_name)
-
-
-def _agree(flags: list[bool], device: torch.device, world: int) -> list[bool]:
-    """Each flag true on any rank -> true on every rank (one tiny all-reduce per step): a rank that got the signal
-    a moment later, or whose clock says a checkpoint is due, must not leave the others waiting in a collective."""
-    if world == 1:
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-class NonFiniteStepError(RuntimeError):
-    """A step whose loss or gradient norm is not finite: the run stops, and nothing is saved from that step on."""
-
-    def __init__(self, loss: float, grad_norm: float | None, ids: list, applied: bool, lr: float):
-        super().__init__()
-        self.loss, self.grad_norm, self.ids, self.applied, self.lr, self.step = loss, grad_norm, ids, applied, lr, None
-
-    def __str__(self) -> str:
-        norm = "" if self.grad_norm is None else f", gradient norm {self.grad_norm}"
-        shown = ", ".join(map(str, self.ids[:20])) + (f" ... ({len(self.ids)} in all)" if len(self.ids) > 20 else "")
-        return (f"step {self.step}: loss {self.loss}{norm} -- not finite. The step was "
-                f"{'applied by the engine' if self.applied else 'not applied'}; nothing is saved from it (no "
-                f"checkpoint, no final model: resume=auto continues from the last periodic checkpoint). Samples of "
-                f"the step: {shown}. Fix: a lower train.lr (now {self.lr:g} at this step) or a longer warmup; check "
-                f"these samples with python -m llava_sft.inspect.")
-
-
-def _stop_if_non_finite(loss: float, grad_norm: float | None, micro: list[dict], world: int, applied: bool,
-                        lr: float) -> None:
-    """Raise NonFiniteStepError on every rank (the values are global) naming the samples of all ranks."""
-    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
-        return
-    ids = [i for b in micro for i in b.get("ids", [])]
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, ids)
-        ids = [i for part in gathered for i in part]
-    raise NonFiniteStepError(loss, grad_norm, ids, applied, lr)
 
 
 def epoch_steps(plan: BatchPlan | StreamPlan, dataset, epoch: int, start: int, collate,
@@ -594,6 +521,15 @@ def epoch_steps(plan: BatchPlan | StreamPlan, dataset, epoch: int, start: int, c
         if not step:
             return
         yield step
+
+
+def warn_about_repeats(repeated: int, samples: int, global_batch: int) -> None:
+    """The last global batch of an epoch is filled with repeated samples; say so when that is not negligible."""
+    if samples < global_batch or repeated > 0.01 * samples:
+        log.warning("each epoch repeats %d samples (%.1f %% of the %d) to fill its last global batch of %d%s: lower "
+                    "train.global_batch_size or add data if that matters", repeated, 100 * repeated / max(1, samples),
+                    samples, global_batch, "; the dataset is smaller than ONE global batch" if samples < global_batch
+                    else "")
 
 
 def dataset_size(dataset) -> int:

@@ -1,0 +1,89 @@
+"""What stops a run safely: pre-emption signals and non-finite steps (used by train/trainer.py).
+
+* SIGTERM / SIGUSR1 set a flag (`PreemptionNotice`); at the next step boundary the ranks agree (`agree`), write the
+  checkpoint of the finished step together, and the CLI exits 75 (`Preempted`).
+* A step whose loss or gradient norm is not finite raises `NonFiniteStepError` on every rank (the values are
+  global), naming the step and its samples; the CLI exits 3 and nothing is saved from that step.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 arrived: every rank wrote the checkpoint of the step just finished (the CLI exits 75)."""
+
+    def __init__(self, step: int, signal_name: str, path):
+        super().__init__(f"{signal_name} received: stopped after step {step} with a checkpoint in {path}; run the "
+                         f"same command again to continue (train.resume=auto)")
+
+
+class PreemptionNotice:
+    """Remembers SIGTERM (what SLURM and Kubernetes send before killing a job; torchrun forwards it to every rank
+    and waits 30 s) and SIGUSR1 (SLURM's --signal=USR1@SECONDS notice) instead of dying mid-step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal_name, self._previous = "", {}
+
+    def __enter__(self) -> "PreemptionNotice":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signal_name)
+
+
+def agree(flags: list[bool], device: torch.device, world: int) -> list[bool]:
+    """Each flag true on any rank -> true on every rank (one tiny all-reduce per step): a rank that got the signal
+    a moment later, or whose clock says a checkpoint is due, must not leave the others waiting in a collective."""
+    if world == 1:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+class NonFiniteStepError(RuntimeError):
+    """A step whose loss or gradient norm is not finite: the run stops, and nothing is saved from that step on."""
+
+    def __init__(self, loss: float, grad_norm: float | None, ids: list, applied: bool, lr: float):
+        super().__init__()
+        self.loss, self.grad_norm, self.ids, self.applied, self.lr, self.step = loss, grad_norm, ids, applied, lr, None
+
+    def __str__(self) -> str:
+        norm = "" if self.grad_norm is None else f", gradient norm {self.grad_norm}"
+        shown = ", ".join(map(str, self.ids[:20])) + (f" ... ({len(self.ids)} in all)" if len(self.ids) > 20 else "")
+        return (f"step {self.step}: loss {self.loss}{norm} -- not finite. The step was "
+                f"{'applied by the engine' if self.applied else 'not applied'}; nothing is saved from it (no "
+                f"checkpoint, no final model: resume=auto continues from the last periodic checkpoint). Samples of "
+                f"the step: {shown}. Fix: a lower train.lr (now {self.lr:g} at this step) or a longer warmup; check "
+                f"these samples with python -m llava_sft.inspect.")
+
+
+def stop_if_non_finite(loss: float, grad_norm: float | None, micro: list[dict], world: int, applied: bool,
+                        lr: float) -> None:
+    """Raise NonFiniteStepError on every rank (the values are global) naming the samples of all ranks."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    ids = [i for b in micro for i in b.get("ids", [])]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, ids)
+        ids = [i for part in gathered for i in part]
+    raise NonFiniteStepError(loss, grad_norm, ids, applied, lr)

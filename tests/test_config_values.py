@@ -1,0 +1,59 @@
+"""Every bad value is refused when the config loads, naming the key, the value and what is allowed -- before any
+model loads (issue: train.device=gpu trained on the CPU with exit 0; micro_batch_size=0 was a bare
+ZeroDivisionError after the model loaded; enum typos were found minutes into a 7B load)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llava_sft.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "llava_v1_5" / "stage2_finetune_7b.yaml"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.device=gpu", r"train\.device='gpu' is not one of auto, cpu, cuda"),
+    ("train.device=GPU", r"train\.device='GPU' is not one of auto, cpu, cuda"),
+    ("train.device=cuda:0", r"train\.device='cuda:0' is not one of"),
+    ("train.lr_schedule=cosin", r"train\.lr_schedule='cosin' is not one of cosine, constant \(did you mean 'cosine'\?\)"),
+    ("data.overlong=trunc", r"data\.overlong='trunc' is not one of truncate, drop"),
+    ("data.bad_samples=ignore", r"data\.bad_samples='ignore' is not one of error, skip"),
+    ("model.image_aspect=crop", r"model\.image_aspect='crop' is not one of pad, square"),
+    ("model.llm.dtype=bf16", r"model\.llm\.dtype='bf16' is not one of float32, bfloat16, float16"),
+    ("model.projector=mlp2x_relu", r"model\.projector='mlp2x_relu' is not a projector"),
+    ("model.vision.name=openclipp", r"model\.vision\.name='openclipp' is not a registered vision tower: .*openclip"),
+    ("data.template=vicuna", r"data\.template='vicuna' is not a chat template: .*vicuna_v1"),
+    ("train.micro_batch_size=0", r"train\.micro_batch_size=0 must be >= 1"),
+    ("train.global_batch_size=-8", r"train\.global_batch_size=-8 must be >= 1"),
+    ("train.save_every=-1", r"train\.save_every=-1 must be >= 0"),
+    ("train.epochs=0", r"train\.epochs=0\.0 must be > 0"),
+    ("data.max_length=0", r"data\.max_length=0 must be >= 2"),
+    ("train.lr=0", r"train\.lr=0\.0 must be > 0"),
+    ("train.warmup_ratio=1.5", r"train\.warmup_ratio=1\.5 must be < 1"),
+])
+def test_a_bad_value_names_the_key_and_the_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(RECIPE, [override])
+
+
+def test_every_bad_value_is_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPE, ["train.device=gpu", "train.micro_batch_size=0", "data.overlong=x"])
+    assert str(err.value).count("\n  ") == 3
+
+
+def test_the_cli_refuses_before_loading_anything(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "llava_sft.train", str(RECIPE), "train.device=gpu",
+                           f"train.output_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "train.device='gpu' is not one of auto, cpu, cuda" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    assert time.time() - start < 60  # no model, no data: only the imports

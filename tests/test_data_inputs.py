@@ -1,0 +1,54 @@
+"""Data inputs said plainly: JSONL (one record per line, as instruction data often comes) is accepted wherever the
+LLaVA JSON list is, a bad line is an error naming it (issue: a raw JSONDecodeError); a dataset padded with repeats
+to fill its last global batch is a warning in the start-up log (issue: only report.json said so)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_prep.make_shapes import generate as make_shapes
+from llava_sft.data.dataset import read_records
+from llava_sft.train.trainer import train
+from tests.tiny import run_config
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_jsonl")
+    make_shapes(out, seed=8, image_size=32, n_stage1=8, n_stage2=8, n_eval=2, text_only_frac=0.25)
+    return out
+
+
+def test_jsonl_reads_as_the_same_records_and_trains(llama_tokenizer_dir, shapes_dir, tmp_path):
+    records = json.loads((shapes_dir / "stage2.json").read_text())
+    jsonl = tmp_path / "stage2.json"  # the extension does not matter: the first character does
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert read_records(jsonl) == records
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=2, max_steps=1)
+    cfg.data.path = str(jsonl)
+    train(cfg)
+    assert (tmp_path / "run" / "report.json").is_file()
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"id": "a", "conversations": []}\n{"id": "b", oops}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl, line 2: not a JSON object"):
+        read_records(path)
+    path.write_text('{"id": "a"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"line 2: expected a JSON object \(a sample\), got list"):
+        read_records(path)
+    path.write_text('[{"id": "a"}, oops]')
+    with pytest.raises(ValueError, match=r"not valid JSON .*JSONL"):
+        read_records(path)
+
+
+def test_a_dataset_smaller_than_a_global_batch_is_said_loudly(llama_tokenizer_dir, shapes_dir, tmp_path):
+    """Issue: 26 samples under a 256 global batch made one step of which 230 were repeats, said only in report.json."""
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=1, max_steps=1, global_batch_size=12,
+                     micro_batch_size=4)  # 8 samples
+    train(cfg)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "each epoch repeats 4 samples (50.0 % of the 8) to fill its last global batch of 12" in log
+    assert "smaller than ONE global batch" in log
