@@ -186,6 +186,31 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+class MissingPathError(ConfigError):
+    pass
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Every path the run reads, checked before anything heavy loads (one error listing all that are missing).
+    model.llm.path / model.tokenizer may be hub ids: checked when they look like paths (/, ., ~)."""
+    def local(value: str | None) -> bool:
+        return bool(value) and (value[0] in "/.~" or Path(value).exists())
+
+    wanted = []
+    if cfg.data.shards:
+        wanted.append(("data.shards", cfg.data.shards))
+    elif cfg.data.path:
+        wanted += [("data.path", cfg.data.path), ("data.image_folder", cfg.data.image_folder)]
+    for key, value in (("train.pretrained_projector", cfg.train.pretrained_projector),
+                       ("model.llm.path", cfg.model.llm.path), ("model.tokenizer", cfg.model.tokenizer),
+                       ("model.vision.model_config_file", cfg.model.vision.model_config_file)):
+        if key.startswith("train.") and value or local(value):
+            wanted.append((key, value))
+    missing = [f"{key}={value} does not exist" for key, value in wanted if not Path(value).expanduser().exists()]
+    if missing:
+        raise MissingPathError("; ".join(missing))
+
+
 def _registry_errors(cfg: RunConfig) -> list[str]:
     """Names that registries define: templates, vision towers, projectors."""
     from llava_sft.data.templates import list_templates

@@ -57,3 +57,18 @@ def test_the_cli_refuses_before_loading_anything(tmp_path):
     assert proc.returncode == 2 and "train.device='gpu' is not one of auto, cpu, cuda" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
     assert time.time() - start < 60  # no model, no data: only the imports
+
+
+def test_missing_paths_are_found_before_anything_loads(tmp_path):
+    """Issue: data.path, image_folder and pretrained_projector were found missing after the model was built, as a
+    raw traceback per rank."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "llava_sft.train", str(REPO / "configs" / "demo" / "stage2.yaml"),
+                           f"data.path={tmp_path / 'nope.json'}", f"data.image_folder={tmp_path / 'imgs'}",
+                           f"train.pretrained_projector={tmp_path / 'stage1'}", f"train.output_dir={tmp_path / 'run'}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("[train] error:")]
+    for key in ("data.path", "data.image_folder", "train.pretrained_projector"):
+        assert f"{key}={tmp_path}" in line
+    assert "Traceback" not in proc.stderr and "vision tower" not in proc.stderr and not (tmp_path / "run").exists()

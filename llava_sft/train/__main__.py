@@ -14,7 +14,7 @@ Exit codes: 0 done, 2 config error, 3 a non-finite loss or gradient norm stopped
 """
 import sys
 
-from llava_sft.config import ConfigError, load_config
+from llava_sft.config import ConfigError, MissingPathError, load_config
 
 EXIT_NON_FINITE = 3  # a step's loss or gradient norm was not finite (the message names the step and its samples)
 EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint written, run again to resume (sysexits' EX_TEMPFAIL: "try again")
@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] error: {e}", file=sys.stderr)
         code = EXIT_NON_FINITE
-    except RunDirLocked as e:
-        print(f"[train] error: {e}", file=sys.stderr)
+    except (RunDirLocked, MissingPathError) as e:  # found before anything loaded; rank 0 says it once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[train] error: {e}", file=sys.stderr)
         code = 2
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from llava_sft.config import RunConfig, save_config, to_dict, validate
+from llava_sft.config import RunConfig, check_paths, save_config, to_dict, validate
 from llava_sft.constants import IGNORE_INDEX
 from llava_sft.data.dataset import Collator, LlavaJsonDataset
 from llava_sft.data.images import ImageProcessor
@@ -273,6 +273,7 @@ def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan | Str
 
 def train(cfg: RunConfig) -> Path:
     validate(cfg)  # load_config did already; a config built in code gets the same checks before anything loads
+    check_paths(cfg)  # before any weights load (a missing data file used to show after the 7B model had loaded)
     # one live run per output_dir (rank 0 holds the lock; a refusal there ends the torchrun job before any work)
     lock = RunDirLock(Path(cfg.train.output_dir)).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     try:
