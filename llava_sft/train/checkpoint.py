@@ -61,21 +61,63 @@ def save_checkpoint(root: str | Path, step: int, payload: dict | None, keep_last
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        _check_free_space(root, step)
         tmp.mkdir()
     _barrier(world)
-    torch.save(rank_state or {}, tmp / f"rank{rank}.pt")
-    if write_collective is not None:
-        write_collective(tmp)
-    _barrier(world)
+    try:
+        torch.save(rank_state or {}, tmp / f"rank{rank}.pt")
+        if write_collective is not None:
+            write_collective(tmp)
+        _barrier(world)
+        if rank == 0:
+            torch.save(payload, tmp / "state.pt")
+            (tmp / "DONE").write_text(str(step))
+            _fsync_tree(tmp)  # the bytes are on disk before the name says "complete" (a node crash after the
+            shutil.rmtree(final, ignore_errors=True)  # rename otherwise can leave step_N/DONE beside a truncated file)
+            os.replace(tmp, final)
+            _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not keep a half checkpoint eating what is left
+        raise OSError(e.errno, f"checkpoint {final} could not be written ({e.strerror or e}); the partial files were "
+                               f"removed and the previous checkpoints are intact: free space under {root}, then "
+                               f"run again (train.resume=auto)") from e
     if rank == 0:
-        torch.save(payload, tmp / "state.pt")
-        (tmp / "DONE").write_text(str(step))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(world)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _check_free_space(root: Path, step: int) -> None:
+    """The newest checkpoint's size (+10 %) must fit, or the write would fail half-way (torch's message then was
+    'unexpected pos 650304 vs 650196')."""
+    found = list_checkpoints(root)
+    if not found:
+        return
+    need, free = int(_size(found[-1]) * 1.1), shutil.disk_usage(root).free
+    if free < need:
+        raise OSError(28, f"checkpoint step_{step} needs ~{need / 2**30:.2f} GiB (the last one was "
+                          f"{need / 1.1 / 2**30:.2f} GiB) but {root} has {free / 2**30:.2f} GiB free: free space (or "
+                          f"lower train.keep_last), then run again (train.resume=auto)")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -92,9 +134,20 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> tuple[dict, dict]:
     path = Path(path)
     if not (path / "DONE").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no DONE marker)")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = _load(path / "state.pt")
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"{path} has no state for rank {rank}: it was written by "
                                 f"{state.get('world_size', '?')} rank(s); resume with the same number of ranks")
-    return state, torch.load(rank_file, map_location="cpu", weights_only=False)
+    return state, _load(rank_file)
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A complete-looking checkpoint whose files do not load (truncated by a crash, a full disk, bad storage)."""
+
+
+def _load(file: Path) -> dict:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{file} does not load ({type(e).__name__}: {e})") from e

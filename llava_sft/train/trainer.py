@@ -346,10 +346,15 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
     probe = Probe.from_env(rank)  # python -m llava_sft.preflight measures the run from inside (train/probe.py)
     if probe is not None:
         probe.on_setup(model, optimizer, ds, t_cfg.gradient_checkpointing, reentrant=ds is not None and ds.stage == 3)
-    resume_from = _resume_point(t_cfg.resume, ckpt_root)
-    step = 0
-    if resume_from is not None:
-        step = _restore(resume_from, model, optimizer, scheduler, dataset, n_startup_skips, plan, cfg, rank, ds)
+    step, candidates = 0, _resume_points(t_cfg.resume, ckpt_root)
+    for i, path in enumerate(candidates):  # resume=auto: newest first, falling back when one does not load
+        try:
+            step = _restore(path, model, optimizer, scheduler, dataset, n_startup_skips, plan, cfg, rank, ds)
+            break
+        except ckpt.CorruptCheckpoint as e:
+            if i + 1 == len(candidates):
+                raise
+            log.warning("%s; falling back to the previous checkpoint, %s", e, candidates[i + 1])
     if cfg.data.packing:
         log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d samples, packed "
                  "into rows of <= %d tokens, %d row(s) per forward pass (%s attention)", dataset_size(dataset),
@@ -544,17 +549,17 @@ def _flops_per_token(model: LlavaModel, train_llm: bool) -> float:
     return (6 if train_llm else 4) * n_llm
 
 
-def _resume_point(resume: str, ckpt_root: Path) -> Path | None:
+def _resume_points(resume: str, ckpt_root: Path) -> list[Path]:
+    """Checkpoints to try, newest first: with 'auto' every complete one, else the one named (or none)."""
     if resume == "never":
-        return None
+        return []
     if resume == "auto":
-        found = ckpt.list_checkpoints(ckpt_root)
-        return found[-1] if found else None
+        return ckpt.list_checkpoints(ckpt_root)[::-1]
     path = Path(resume)
     if not (path / "DONE").is_file():
         raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint directory (step_N with DONE); "
                                 f"use 'auto', 'never' or a path to one")
-    return path
+    return [path]
 
 
 # Changing these between a checkpoint and its continuation would silently change the data order.
