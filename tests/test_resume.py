@@ -176,3 +176,19 @@ def test_checkpoints_by_minutes_are_on_by_default(llama_tokenizer_dir, shapes_di
                      save_every_minutes=1e-9, keep_last=5)  # due after every step
     train(cfg)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_1", "step_2"]
+
+
+def test_resume_refuses_data_whose_contents_changed_under_the_same_name(llama_tokenizer_dir, shapes_dir, tmp_path):
+    """Issue: resume compared the data file's name and the steps per epoch, not its contents."""
+    data = tmp_path / "data"
+    data.mkdir()
+    records = json.loads((shapes_dir / "stage1.json").read_text())
+    (data / "stage1.json").write_text(json.dumps(records))
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=1, max_steps=4, save_every=2)
+    cfg.data.path = str(data / "stage1.json")
+    train(cfg)
+    (tmp_path / "run" / "report.json").unlink()  # as if interrupted after its checkpoints
+    records[0]["conversations"][1]["value"] = "A different caption."  # same name, same count, other samples
+    (data / "stage1.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"the data's contents changed since the checkpoint"):
+        train(cfg)

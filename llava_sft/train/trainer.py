@@ -19,6 +19,8 @@ see train/engine.py), both launched with torchrun; the loss normalisation, optim
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -568,6 +570,25 @@ RESUME_MUST_MATCH = ("data.path", "data.shards", "train.global_batch_size", "tra
 STREAM_MUST_MATCH = ("data.shuffle_buffer", "data.num_workers")
 
 
+@functools.lru_cache(maxsize=4)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(cfg: RunConfig) -> str:
+    """What the data *is*, not what it is called: the JSON's size + sha256 (~2 s per GB, once per run), or the
+    shard manifest's (which holds every shard's sha256)."""
+    source = Path(cfg.data.shards) if cfg.data.shards else Path(cfg.data.path)
+    if source.is_dir():
+        source = source / "manifest.json"
+    stat = source.stat()
+    return f"{stat.st_size} bytes, sha256 {_file_digest(str(source), stat.st_size, stat.st_mtime_ns)}"
+
+
 def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: int, plan, cfg, rank: int,
              ds=None) -> int:
     """Load a periodic checkpoint for an exact continuation; returns its step."""
@@ -582,6 +603,11 @@ def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: 
         if saved.get(section, {}).get(name) != now[section][name]:
             raise ValueError(f"cannot resume from {path}: {key} was {saved.get(section, {}).get(name)!r} and is now "
                              f"{now[section][name]!r} (use train.resume=never to start again)")
+    then, now_fp = state.get("data_fingerprint"), data_fingerprint(cfg)
+    if then is not None and then != now_fp:
+        raise ValueError(f"cannot resume from {path}: the data's contents changed since the checkpoint (then "
+                         f"{then}, now {now_fp}): the same name no longer means the same samples, so the data position "
+                         f"would skip or repeat samples; restore the data or use train.resume=never")
     expected = state["data_position"].get("steps_per_epoch")
     if expected is not None and expected != plan.steps_per_epoch:
         raise ValueError(f"cannot resume from {path}: the data gave {expected} steps per epoch then and "
@@ -617,7 +643,7 @@ def _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, data
         payload = {
             "step": step, "world_size": world,
             "data_position": {"epoch": epoch, "step_in_epoch": in_epoch, "steps_per_epoch": plan.steps_per_epoch},
-            "config": to_dict(cfg),
+            "config": to_dict(cfg), "data_fingerprint": data_fingerprint(cfg),
         }
         if ds is not None:  # weights, optimizer and schedule: in the engine's files (step_N/deepspeed/)
             payload.update(engine="deepspeed", zero_stage=ds.stage,
