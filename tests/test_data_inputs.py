@@ -52,3 +52,23 @@ def test_a_dataset_smaller_than_a_global_batch_is_said_loudly(llama_tokenizer_di
     log = (tmp_path / "run" / "train.log").read_text()
     assert "each epoch repeats 4 samples (50.0 % of the 8) to fill its last global batch of 12" in log
     assert "smaller than ONE global batch" in log
+
+
+def test_duplicate_ids_are_refused_at_start_up(llama_tokenizer_dir, shapes_dir, tmp_path):
+    """Issue: duplicate ids were trained (only `validate` reported them); under bad_samples=skip the repeat is skipped
+    and counted."""
+    from llava_sft.data.templates import BadSampleError
+
+    records = json.loads((shapes_dir / "stage1.json").read_text())
+    records.append(dict(records[2]))
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(records))
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=1, max_steps=1)
+    cfg.data.path = str(path)
+    with pytest.raises(BadSampleError, match=rf"{records[2]['id']}.*duplicate id \(record #{len(records) - 1}; the "
+                                             r"first was record #2\)"):
+        train(cfg)
+    cfg.data.bad_samples = "skip"
+    train(cfg)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["samples"] == len(records) - 1 and sum(report["rejected_or_skipped"].values()) == 1

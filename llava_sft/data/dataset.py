@@ -126,12 +126,16 @@ class LlavaJsonDataset(Dataset):
 
     # ------------------------------------------------------------ start-up checks
     def _check_all(self, records: list, check_images: bool) -> list[dict]:
-        good, problems = [], []
+        good, problems, first_at = [], [], {}
         for i, record in enumerate(records):
             sample_id = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
             if isinstance(record, dict):
                 record.setdefault("id", sample_id)  # samples without an id are named by their position in the file
             try:
+                key = str(sample_id)
+                if key in first_at:  # ids name samples in skip reports, errors and resume: they must be unique
+                    raise BadSampleError(sample_id, f"duplicate id (record #{i}; the first was record #{first_at[key]})")
+                first_at[key] = i
                 self._check_record(record, sample_id, check_images)
                 good.append(record)
             except BadSampleError as e:
