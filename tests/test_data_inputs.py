@@ -72,3 +72,41 @@ def test_duplicate_ids_are_refused_at_start_up(llama_tokenizer_dir, shapes_dir, 
     train(cfg)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["samples"] == len(records) - 1 and sum(report["rejected_or_skipped"].values()) == 1
+
+
+def test_16_bit_float_and_alpha_images_are_converted_faithfully_and_counted(llama_tokenizer_dir, shapes_dir,
+                                                                            tmp_path):
+    """Issue: 16-bit grayscale PNGs (I;16) became pure white and alpha was dropped without a count."""
+    import numpy as np
+    from PIL import Image
+
+    from llava_sft.data.images import ImageProcessor, to_rgb
+
+    fill = (122, 116, 104)  # int(OpenAI CLIP mean x 255), the padding colour
+    gray16 = Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16))  # 32896 / 257 = 128 exactly
+    rgb, converted = to_rgb(gray16, fill)
+    assert converted and rgb.getpixel((0, 0)) == (128, 128, 128)  # PIL's convert("RGB") gives (255, 255, 255)
+    as_float = Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32))
+    assert to_rgb(as_float, fill)[0].getpixel((0, 0)) == (128, 128, 128)
+    hidden_red = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent, red underneath
+    assert to_rgb(hidden_red, fill) == (to_rgb(hidden_red, fill)[0], True)
+    assert to_rgb(hidden_red, fill)[0].getpixel((0, 0)) == fill
+    assert to_rgb(Image.new("RGB", (8, 8), (1, 2, 3)), fill)[1] is False
+
+    records = json.loads((shapes_dir / "stage1.json").read_text())[:4]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    gray16.save(folder / "gray16.png")
+    hidden_red.save(folder / "alpha.png")
+    assert Image.open(folder / "gray16.png").mode.startswith("I")
+    records[0]["image"], records[1]["image"] = "gray16.png", "alpha.png"
+    for r in records[2:]:
+        (folder / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        (folder / r["image"]).write_bytes((shapes_dir / "images" / r["image"]).read_bytes())
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=1, max_steps=1, global_batch_size=4,
+                     micro_batch_size=4)
+    cfg.data.path, cfg.data.image_folder = str(tmp_path / "data.json"), str(folder)
+    train(cfg)
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["images_converted"] == 2
+    assert ImageProcessor(16, (0.5,) * 3, (0.5,) * 3).process(gray16)[1] is True

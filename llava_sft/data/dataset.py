@@ -40,6 +40,7 @@ class SkipReport:
 
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
     truncated: int = 0
+    converted_images: int = 0  # 16-bit / float / alpha images converted faithfully (data/images.py: to_rgb)
 
     def add(self, sample_id, reason: str) -> None:
         self.skipped.append((str(sample_id), reason))
@@ -184,21 +185,22 @@ class LlavaJsonDataset(Dataset):
 
     def _load(self, record: dict, sample_id) -> dict:
         names = image_list(record)
-        images = [self._load_image(name, sample_id) for name in names]
+        loaded = [self._load_image(name, sample_id) for name in names]
+        images = [pixels for pixels, _ in loaded]
         ids, labels = tokenize_conversation(
             record["conversations"], self.tokenizer, self.template, num_images=len(images), sample_id=sample_id
         )
         ids, labels, truncated = fit_length(ids, labels, self.max_length, self.tokens_per_image, self.overlong, sample_id)
         pixels = torch.stack(images) if images else torch.zeros(0, 3, self.image_processor.size, self.image_processor.size)
         return {"id": str(sample_id), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "images": pixels, "truncated": truncated}
+                "images": pixels, "truncated": truncated, "converted": sum(c for _, c in loaded)}
 
     def _load_image(self, name: str, sample_id) -> torch.Tensor:
         path = self.image_folder / name
         try:
             with Image.open(path) as image:
                 image.load()
-                return self.image_processor(image)
+                return self.image_processor.process(image)
         except FileNotFoundError:
             raise BadSampleError(sample_id, f"missing image file: {path}") from None
         except Exception as e:  # PIL raises many kinds for corrupt files
@@ -232,7 +234,8 @@ class Collator:
     def __call__(self, samples: list[dict]) -> dict:
         kept = [s for s in samples if "skip" not in s]
         batch = {"skipped": [(s["id"], s["skip"]) for s in samples if "skip" in s],
-                 "truncated": sum(s["truncated"] for s in kept), "ids": [s["id"] for s in kept]}
+                 "truncated": sum(s["truncated"] for s in kept), "ids": [s["id"] for s in kept],
+                 "converted": sum(s.get("converted", 0) for s in kept)}
         if not kept:
             return batch
         length = max(len(s["input_ids"]) for s in kept)

@@ -75,7 +75,7 @@ class PackingCollator:
     def __call__(self, samples: list[dict]) -> list[dict]:
         kept = [s for s in samples if "skip" not in s]
         report = {"skipped": [(s["id"], s["skip"]) for s in samples if "skip" in s],
-                  "truncated": sum(s["truncated"] for s in kept)}
+                  "truncated": sum(s["truncated"] for s in kept), "converted": sum(s.get("converted", 0) for s in kept)}
         rows = pack_rows([expanded_length(s["input_ids"], self.tokens_per_image) for s in kept], self.max_tokens)
         groups = [rows[i:i + self.rows_per_micro_batch] for i in range(0, len(rows), self.rows_per_micro_batch)]
         micro = [self.collate_rows([[kept[i] for i in row] for row in group]) for group in groups]
@@ -83,7 +83,7 @@ class PackingCollator:
             micro = [{"ids": []}]
         micro[0].update(report)  # reported once per step
         for batch in micro[1:]:
-            batch.update(skipped=[], truncated=0)
+            batch.update(skipped=[], truncated=0, converted=0)
         return micro
 
     def collate_rows(self, rows: list[list[dict]]) -> dict:

@@ -242,13 +242,15 @@ class ShardDataset(IterableDataset):
         if sorted(stored) != list(range(len(names))):
             raise BadSampleError(sample_id, f"{shard}: {len(names)} image path(s) in the record but image members "
                                  f"{sorted(f for f, _ in stored.values())} under key {key}")
-        images = []
+        images, converted = [], 0
         for k, name in enumerate(names):
             field, data = stored[k]
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     image.load()
-                    images.append(self.image_processor(image))
+                    pixels, changed = self.image_processor.process(image)
+                    images.append(pixels)
+                    converted += changed
             except Exception as e:  # PIL raises many kinds for corrupt files
                 raise BadSampleError(sample_id, f"corrupt image: {name} ({shard}:{key}.{field}; "
                                      f"{type(e).__name__}: {e})") from None
@@ -259,7 +261,7 @@ class ShardDataset(IterableDataset):
         size = self.image_processor.size
         pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size)
         return {"id": str(sample_id), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "images": pixels, "truncated": truncated}
+                "images": pixels, "truncated": truncated, "converted": converted}
 
 
 def read_shard(path: Path, positions: list[int], expected: int | None = None):

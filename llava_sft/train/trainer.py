@@ -487,6 +487,7 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
         for sample_id, reason in batch["skipped"]:
             report.add(sample_id, reason)
         report.truncated += batch["truncated"]
+        report.converted_images += batch.get("converted", 0)
     row = accumulate_gradients(model, ddp, micro, world, device, use_autocast, ds)
     if t_cfg.profile_memory:  # weights, gradients and (from the 2nd step) optimizer states are all live here
         row["live_tensor_gb"] = live_tensor_gb(model, device, world)
@@ -630,6 +631,7 @@ def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: 
     del dataset.report.skipped[n_startup_skips:]
     dataset.report.skipped.extend(tuple(x) for x in report.get("skipped", []))
     dataset.report.truncated = report.get("truncated", 0)
+    dataset.report.converted_images = report.get("converted_images", 0)
     log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", path, state["step"],
              state["data_position"]["epoch"], state["data_position"]["step_in_epoch"])
     return state["step"]
@@ -652,7 +654,8 @@ def _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, data
             payload.update(trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
     mine = {"rng": ckpt.rng_state(),
-            "report": {"skipped": dataset.report.skipped[n_startup_skips:], "truncated": dataset.report.truncated}}
+            "report": {"skipped": dataset.report.skipped[n_startup_skips:], "truncated": dataset.report.truncated,
+                       "converted_images": dataset.report.converted_images}}
     path = ckpt.save_checkpoint(ckpt_root, step, payload, cfg.train.keep_last, mine, rank, world,
                                 write_collective=ds.save if ds is not None else None)
     if rank == 0:
@@ -664,13 +667,14 @@ def _gather_skip_reports(dataset, n_startup_skips: int, world: int) -> None:
     """Rank 0's report gets every rank's runtime skips and truncations (start-up rejections are the same on all)."""
     if world == 1:
         return
-    mine = (dataset.report.skipped[n_startup_skips:], dataset.report.truncated)
+    mine = (dataset.report.skipped[n_startup_skips:], dataset.report.truncated, dataset.report.converted_images)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)
     del dataset.report.skipped[n_startup_skips:]
-    for skipped, _ in gathered:
+    for skipped, _, _ in gathered:
         dataset.report.skipped.extend(skipped)
-    dataset.report.truncated = sum(t for _, t in gathered)
+    dataset.report.truncated = sum(t for _, t, _ in gathered)
+    dataset.report.converted_images = sum(c for _, _, c in gathered)
 
 
 def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dataset, plan, total_steps,
@@ -685,6 +689,7 @@ def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dat
         "steps": total_steps, "samples": dataset_size(dataset),
         "repeated_to_fill_last_batch_per_epoch": plan.repeated_per_epoch(),
         "rejected_or_skipped": dataset.report.counts(), "truncated": dataset.report.truncated,
+        "images_converted": dataset.report.converted_images,
     }
     if dataset.report.skipped:
         with (run_dir / "skipped.jsonl").open("w") as f:
