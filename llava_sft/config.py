@@ -30,6 +30,7 @@ class DataConfig:
     # or: webdataset shards (data_prep.make_shards), a directory or its manifest.json, streamed (data/stream.py)
     shards: str | None = None
     shuffle_buffer: int = 1000  # shards: per-worker shuffle buffer (samples); 0 = stream order
+    verify_shards: bool = True  # shards: check each shard's sha256 against the manifest when first opened
     template: str = "plain"  # chat template for training (plain for Stage 1, vicuna_v1 for Stage 2)
     max_length: int = 2048  # tokens after image expansion
     overlong: str = "truncate"  # "truncate" (text after the last image only) or "drop"; both counted

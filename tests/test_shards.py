@@ -204,3 +204,32 @@ def test_missing_image_is_an_error_naming_the_sample_or_listed(shapes, tmp_path,
     out = tmp_path / "out"
     keys = [key for e in manifest["shards"] for key, _ in read_shard(out / e["name"], list(range(e["samples"])))]
     assert len(keys) == 22 and f"{records.index(victim):09d}" not in keys
+
+
+def test_same_size_corruption_is_caught_by_the_manifest_sha256(stage2_shards, tokenizer, tmp_path):
+    """Issue: shards were checked by size only; a flipped byte in a JSON member trained silently, and an unreadable
+    member was a plain ValueError even under bad_samples=skip."""
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "shards"
+    shutil.copytree(stage2_shards, copy)
+    shard = copy / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".json"))
+    raw = bytearray(shard.read_bytes())
+    raw[member.offset_data] = ord("#")  # the member's first byte: '{' -> '#', same size, unreadable JSON
+    shard.write_bytes(bytes(raw))
+    tpl = get_template("vicuna_v1")
+
+    def samples(**kw):
+        ds = ShardDataset(copy, tokenizer, tpl, PROCESSOR, TOKENS_PER_IMAGE, MAX_LENGTH, shuffle_buffer=0, **kw)
+        return list(DataLoader(ds, batch_size=None, num_workers=0))
+
+    with pytest.raises(ValueError, match=r"shard-000000\.tar: sha256 .* the manifest says .*verify_shards=false"):
+        samples()
+    with pytest.raises(ValueError, match=r"unreadable json member in shard-000000\.tar"):
+        samples(verify=False)  # bad_samples=error: the sample stops the run, named
+    got = samples(verify=False, bad_samples="skip")
+    skipped = [s for s in got if "skip" in s]
+    assert len(got) == 23 and len(skipped) == 1 and "unreadable json member" in skipped[0]["skip"]

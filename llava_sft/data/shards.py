@@ -49,6 +49,7 @@ every rank gets the same count and `ds.repeated_per_epoch()` samples (< world_si
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -99,6 +100,7 @@ class ShardDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         pad_ranks: bool = False,
+        verify: bool = True,
     ):
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
@@ -112,6 +114,7 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size, self.pad_ranks = rank, world_size, pad_ranks
         self.epoch, self.skip = 0, 0
+        self.verify, self._verified = verify, set()
         self.report = SkipReport()  # filled by the trainer from the skips its batches report
 
         self.shard_dir, self.manifest = load_manifest(shard_dir_or_manifest)
@@ -124,6 +127,7 @@ class ShardDataset(IterableDataset):
                 raise ValueError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} "
                                  "(incomplete copy or rewritten shard?)")
             self.shards.append((path, int(entry["samples"])))
+        self.digests = [entry.get("sha256") for entry in self.manifest["shards"]]
         self.num_samples = sum(n for _, n in self.shards)
         if self.num_samples == 0:
             raise ValueError(f"{self.shard_dir}: the shards hold no sample")
@@ -203,7 +207,8 @@ class ShardDataset(IterableDataset):
         # worker (w + skip) % num_workers streamed then, past the samples of it already taken.
         worker = (worker + self.skip) % num_workers
         epoch = self.epoch
-        raw = self._raw_samples(self._positions(epoch, worker, num_workers))
+        raw = self._raw_samples(self._positions(epoch, worker, num_workers),
+                                verifier=self.rank + self.world_size * worker, verifiers=self.world_size * num_workers)
         if self.shuffle_buffer > 0:
             raw = _buffer_shuffle(raw, self.shuffle_buffer,
                                   random.Random(f"buffer-{self.seed}-{epoch}-{self.rank}-{worker}"))
@@ -212,18 +217,38 @@ class ShardDataset(IterableDataset):
             if n >= skip:
                 yield self._sample(shard, key, fields)
 
-    def _raw_samples(self, plan):
+    def _raw_samples(self, plan, verifier: int = 0, verifiers: int = 1):
         for s, positions in plan:
             path, n = self.shards[s]
+            if self.verify and s % verifiers == verifier and s not in self._verified:
+                self._check_digest(s)
             yield from ((path.name, key, fields) for key, fields in read_shard(path, positions, n))
 
+    def _check_digest(self, s: int) -> None:
+        """The shard's sha256 against the manifest's: the size check alone let same-size corruption train.
+        Each shard is hashed by one process (rank x worker), once per process: a full read of the data per epoch
+        spread over all of them, not one per process."""
+        path, want = self.shards[s][0], self.digests[s]
+        if want is None:
+            return
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != want:
+            raise ValueError(f"{path}: sha256 {digest.hexdigest()[:16]}... but the manifest says {want[:16]}... "
+                             "(a corrupted or rewritten shard): copy it again or rebuild it with data_prep.make_shards; "
+                             "data.verify_shards=false skips this check")
+        self._verified.add(s)
+
     def _sample(self, shard: str, key: str, fields: dict[str, bytes]) -> dict:
+        sample_id = key
         try:
-            record = json.loads(fields["json"])
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{shard}: sample {key} has no readable json member ({type(e).__name__}: {e})") from None
-        sample_id = record.get("id", key) if isinstance(record, dict) else key
-        try:
+            try:
+                record = json.loads(fields["json"])
+            except (KeyError, ValueError) as e:  # a bad sample like any other: the data.bad_samples policy
+                raise BadSampleError(key, f"unreadable json member in {shard} ({type(e).__name__}: {e})") from None
+            sample_id = record.get("id", key) if isinstance(record, dict) else key
             return self._load(record, sample_id, shard, key, fields)
         except BadSampleError as e:
             if self.bad_samples == "error":

@@ -221,6 +221,7 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
             cfg.data.bad_samples)
     if cfg.data.shards:
         dataset = ShardDataset(cfg.data.shards, *args, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
+                               verify=cfg.data.verify_shards,
                                rank=rank, world_size=world)
     else:
         dataset = LlavaJsonDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start)
