@@ -10,7 +10,16 @@ import pytest
 from PIL import Image
 
 from llava_sft.config import from_dict
-from llava_sft.eval.run_vqa import answer_items, get_chunk, load_mmbench, load_scienceqa, load_vqa, main, merge_answers
+from llava_sft.eval.run_vqa import (
+    answer_items,
+    get_chunk,
+    load_mmbench,
+    load_scienceqa,
+    load_vqa,
+    main,
+    merge_answers,
+    stamp_file,
+)
 from llava_sft.model.llava import LlavaModel, ModelConfig, load_tokenizer
 from tests.tiny import model_dict
 
@@ -63,6 +72,7 @@ def test_an_interrupted_run_continues_without_redoing_answers(model_dir, questio
     full = run(model_dir, questions, tmp_path / "full.jsonl", "--batch-size", "3")
     partial = tmp_path / "partial.jsonl"
     partial.write_text("".join(json.dumps(r) + "\n" for r in full[:3]))  # killed after the first batch
+    stamp_file(partial).write_text(stamp_file(tmp_path / "full.jsonl").read_text())  # written before answering
     rows = run(model_dir, questions, partial, "--batch-size", "3")
     assert rows[:3] == full[:3]  # untouched, not re-answered (answer_ids kept)
     assert [r["question_id"] for r in rows] == [r["question_id"] for r in full]
@@ -137,3 +147,42 @@ def test_mmbench_rows_carry_round_and_options(model_dir, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["question_id"], r["round_id"], r["options"]) for r in rows] == [(3, 0, ["x", "y"]), (3, 1, ["y", "x"])]
     assert answer_items(Answerer(model_dir, "cpu"), load_mmbench(tsv), out, max_new_tokens=3) == 0  # resumable
+
+
+def test_answers_of_another_model_are_not_resumed(tmp_path):
+    """Issue: results went to checkpoints/eval/$(basename MODEL) and answer files resume, so a second model whose folder
+    was also named stage2 got the first one's POPE score (82.2 instead of 65.6) without a warning."""
+    import json
+
+    import pytest
+
+    from llava_sft.eval.run_vqa import model_stamp
+
+    def model(name: str, weights: bytes) -> Path:
+        folder = tmp_path / name / "stage2"
+        folder.mkdir(parents=True)
+        (folder / "projector.safetensors").write_bytes(weights)
+        (folder / "llava_config.json").write_text("{}")
+        return folder
+
+    first, second = model("a", b"\x01" * 100), model("b", b"\x02" * 100)
+    assert model_stamp(first) != model_stamp(second)
+    answers = tmp_path / "answers" / "pope.jsonl"
+
+    class Answerer:
+        model_id = "m"
+
+        def answer(self, questions, images, **kw):
+            return ["yes"] * len(questions)
+
+    items = [{"key": "1", "question_id": 1, "prompt": "Is it?", "image": None, "extra": {}}]
+    assert answer_items(Answerer(), items, answers, stamp=model_stamp(first)) == 1
+    assert answer_items(Answerer(), items, answers, stamp=model_stamp(first)) == 0  # same model: resumed
+    with pytest.raises(SystemExit, match=rf"made by {first}.*not {second}"):
+        answer_items(Answerer(), items, answers, stamp=model_stamp(second))
+    (first / "projector.safetensors").write_bytes(b"\x03" * 100)  # retrained in place
+    with pytest.raises(SystemExit, match="holds answers made by"):
+        answer_items(Answerer(), items, answers, stamp=model_stamp(first))
+    merged = tmp_path / "merged.jsonl"
+    merge_answers(merged, [answers])
+    assert json.loads(stamp_file(merged).read_text())["model"] == str(first.resolve())

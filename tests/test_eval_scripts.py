@@ -140,4 +140,5 @@ def test_pope_script_end_to_end(model_dir, tmp_path):
     proc = subprocess.run(["bash", str(SCRIPTS / "mme.sh"), str(model_dir)], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "missing" in proc.stderr and "MME/llava_mme.jsonl" in proc.stderr
-    assert (tmp_path / "checkpoints" / "eval" / "tiny-llava").is_dir()
+    [default] = (tmp_path / "checkpoints" / "eval").iterdir()  # unique per model path: NAME-HASH
+    assert default.name.startswith("tiny-llava-") and len(default.name) == len("tiny-llava-") + 8

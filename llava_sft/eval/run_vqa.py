@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import hashlib
 import io
 import json
 import math
@@ -108,10 +109,49 @@ def get_chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
     return items[chunk_idx * size:(chunk_idx + 1) * size]
 
 
+# ------------------------------------------------------------------------------------- which model answered
+def model_stamp(model_dir: str | Path) -> dict:
+    """Which model made a set of answers: its resolved path and a fingerprint of its weights (each weight file's
+    name, size, first and last MiB, and the model config), so that a retrained model at the same path differs."""
+    root = Path(model_dir).resolve()
+    digest = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")):
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(root)}:{size}".encode())
+        with f.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read())
+    return {"model": str(root), "weights_sha256": digest.hexdigest()[:16]}
+
+
+def stamp_file(answers: Path) -> Path:
+    return answers.with_name(answers.name + ".model.json")
+
+
+def check_stamp(answers: Path, stamp: dict) -> None:
+    """Resuming `answers` is only for the model that wrote them (issue: a second model folder also named `stage2`
+    got the first one's POPE score without a word)."""
+    has_rows = answers.is_file() and any(line.strip() for line in answers.read_text().splitlines())
+    sidecar = stamp_file(answers)
+    if has_rows:
+        written = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+        if written != stamp:
+            who = f"{written['model']} (weights {written['weights_sha256']})" if written else "an unrecorded model"
+            raise SystemExit(f"{answers} holds answers made by {who}, not {stamp['model']} (weights "
+                             f"{stamp['weights_sha256']}): use another results directory, or delete the file to "
+                             f"answer again")
+    answers.parent.mkdir(parents=True, exist_ok=True)
+    sidecar.write_text(json.dumps(stamp))
+
+
 # ------------------------------------------------------------------------------------- running
 def answer_items(answerer, items: list[dict], out_file: Path, batch_size: int = 16, max_new_tokens: int = 128,
-                 temperature: float = 0.0) -> int:
-    """Answer the items not yet in `out_file` (appending, one flush per batch); returns how many were answered."""
+                 temperature: float = 0.0, stamp: dict | None = None) -> int:
+    """Answer the items not yet in `out_file` (appending, one flush per batch); returns how many were answered.
+    `stamp` (model_stamp): resuming a file that another model wrote is refused."""
+    if stamp is not None:
+        check_stamp(out_file, stamp)
     done = set()
     if out_file.is_file():
         done = {row_key(json.loads(line)) for line in out_file.read_text().splitlines() if line.strip()}
@@ -145,6 +185,11 @@ def merge_answers(out_file: Path, chunk_files: list[Path]) -> int:
                 rows.append(line)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text("".join(r + "\n" for r in rows))
+    stamps = {stamp_file(Path(c)).read_text() for c in chunk_files if stamp_file(Path(c)).is_file()}
+    if len(stamps) > 1:
+        raise SystemExit(f"the chunks {[str(c) for c in chunk_files]} were answered by different models")
+    if stamps:
+        stamp_file(out_file).write_text(stamps.pop())
     return len(rows)
 
 
@@ -187,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                       args.num_chunks, args.chunk_idx)
     answerer = Answerer(args.model, args.device)
     n = answer_items(answerer, items, args.answers, args.batch_size,
-                     args.max_new_tokens or MAX_NEW_TOKENS[args.mode], args.temperature)
+                     args.max_new_tokens or MAX_NEW_TOKENS[args.mode], args.temperature, stamp=model_stamp(args.model))
     print(f"{n} new answers ({len(items) - n} already there) -> {args.answers}")
 
 

@@ -10,11 +10,14 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
-  echo "usage: bash $0 MODEL_DIR [RESULTS_DIR]   (RESULTS_DIR default: checkpoints/eval/\$(basename MODEL_DIR))" >&2
+  echo "usage: bash $0 MODEL_DIR [RESULTS_DIR]   (RESULTS_DIR default: checkpoints/eval/NAME-HASH, unique per model path)" >&2
   exit 2
 fi
 MODEL_DIR=${1%/}
-RESULTS_DIR=${2:-checkpoints/eval/$(basename "$MODEL_DIR")}
+# default results directory: the model folder's name + a hash of its resolved path (two models whose folders are both
+# called stage2 no longer share answers; run_vqa also refuses to resume answers another model wrote)
+MODEL_KEY=$(python -c 'import hashlib, os, sys; print(hashlib.sha256(os.path.realpath(sys.argv[1]).encode()).hexdigest()[:8])' "$MODEL_DIR")
+RESULTS_DIR=${2:-checkpoints/eval/$(basename "$MODEL_DIR")-$MODEL_KEY}
 EVAL=${LLAVA_EVAL_ROOT:-./playground/data/eval}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
