@@ -110,3 +110,19 @@ def test_16_bit_float_and_alpha_images_are_converted_faithfully_and_counted(llam
     train(cfg)
     assert json.loads((tmp_path / "run" / "report.json").read_text())["images_converted"] == 2
     assert ImageProcessor(16, (0.5,) * 3, (0.5,) * 3).process(gray16)[1] is True
+
+
+def test_a_skipped_sample_is_counted_once_however_often_it_comes_up(llama_tokenizer_dir, shapes_dir, tmp_path):
+    """Issue: report.json over-counted skips of samples repeated to fill the last batch (and met in every epoch)."""
+    records = json.loads((shapes_dir / "stage1.json").read_text())[:6]
+    records[0]["image"] = "missing.png"
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=1, max_steps=3, global_batch_size=8,
+                     micro_batch_size=4)  # 6 samples, 2 repeated per epoch, 3 epochs
+    cfg.data.path, cfg.data.bad_samples, cfg.data.check_images_at_start = str(path), "skip", False
+    train(cfg)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["rejected_or_skipped"] == {"missing image file": 1}
+    lines = (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [records[0]["id"]]

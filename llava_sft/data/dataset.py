@@ -45,9 +45,14 @@ class SkipReport:
     def add(self, sample_id, reason: str) -> None:
         self.skipped.append((str(sample_id), reason))
 
+    def distinct(self) -> list[tuple[str, str]]:
+        """Each skipped sample once (a sample repeated to fill a last batch, or met in every epoch, was skipped
+        each time it came up), in the order first met."""
+        return list(dict.fromkeys(self.skipped))
+
     def counts(self) -> dict[str, int]:
-        """Skips per kind of problem (the reason without its sample-specific details)."""
-        return dict(Counter(_kind(reason) for _, reason in self.skipped))
+        """Skipped samples per kind of problem (the reason without its sample-specific details), each sample once."""
+        return dict(Counter(_kind(reason) for _, reason in self.distinct()))
 
 
 def _kind(reason: str) -> str:

@@ -693,11 +693,12 @@ def _save_final(run_dir: Path, model: LlavaModel, tokenizer, cfg: RunConfig, dat
         "images_converted": dataset.report.converted_images,
     }
     if dataset.report.skipped:
+        distinct = dataset.report.distinct()
         with (run_dir / "skipped.jsonl").open("w") as f:
-            for sample_id, reason in dataset.report.skipped:
+            for sample_id, reason in distinct:
                 f.write(json.dumps({"id": sample_id, "reason": reason}) + "\n")
-        log.warning("%d sample(s) skipped: %s (listed in %s)", len(dataset.report.skipped),
-                    report["rejected_or_skipped"], run_dir / "skipped.jsonl")
+        log.warning("%d sample(s) skipped: %s (listed in %s)", len(distinct), report["rejected_or_skipped"],
+                    run_dir / "skipped.jsonl")
     plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))  # last: marks the run as finished
     log.info("saved %s to %s", "model" if cfg.train.save_full_model else "projector", run_dir)
