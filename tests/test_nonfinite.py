@@ -64,3 +64,30 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing_from_it(llama_tokeniz
     if engine == "plain":  # the saved weights are finite (DeepSpeed's are in its own shard format)
         trainable = torch.load(out / "checkpoints" / f"step_{max(steps)}" / "state.pt", weights_only=False)
         assert all(torch.isfinite(t).all() for t in trainable["trainable"].values())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_sample_at_run_time_checkpoints_then_stops_naming_it(llama_tokenizer_dir, tmp_path, workers):
+    """Issue: a corrupt image found when training reached it (possibly hour 19) stopped the run without a checkpoint
+    of the steps before it. Now: the last complete step is checkpointed on every rank, then one line names the sample
+    and the fix, exit 4; after the fix the same command continues from that checkpoint."""
+    data = tmp_path / "data"
+    make_shapes(data, seed=4, image_size=32, n_stage1=32, n_stage2=4, n_eval=2, text_only_frac=0.0)
+    records = json.loads((data / "stage1.json").read_text())
+    bad = records[21]
+    (data / "images" / bad["image"]).write_bytes(b"")  # exists (passes the start-up stat), does not decode
+    out = tmp_path / "run"
+    cfg = run_config(llama_tokenizer_dir, data, out, stage=1, max_steps=8, global_batch_size=4, micro_batch_size=2)
+    cfg.data.num_workers = workers
+    proc = run_cli(cfg, tmp_path)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("[train] error:")]
+    step = int(line.split("step ")[1].split(":")[0])
+    assert bad["id"] in line and "corrupt image" in line and "data.bad_samples=skip" in line
+    assert step > 1 and f"a checkpoint of step {step - 1} was written" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{step - 1}"]
+    (data / "images" / bad["image"]).write_bytes((data / "images" / records[0]["image"]).read_bytes())  # fixed
+    proc = run_cli(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step_{step - 1}'}" in proc.stderr

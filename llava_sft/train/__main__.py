@@ -9,7 +9,9 @@ or simply `bash scripts/stage1.sh` then `bash scripts/stage2.sh` (see README). W
 (configs/deepspeed/) the same torchrun command trains under DeepSpeed ZeRO-2/3; on a CPU-only machine
 DeepSpeed needs DS_ACCELERATOR=cpu (set automatically when unset).
 
-Exit codes: 0 done, 2 config error, 3 a non-finite loss or gradient norm stopped the run (nothing saved from it),
+Exit codes: 0 done, 2 config error (or a missing path, or another run holding the run directory), 3 a non-finite
+loss or gradient norm stopped the run (nothing saved from it), 4 a bad sample met at run time under
+data.bad_samples=error (the last complete step checkpointed first),
 75 pre-empted (SIGTERM or SIGUSR1: a checkpoint of the last finished step was written; run again to resume).
 """
 import sys
@@ -17,6 +19,7 @@ import sys
 from llava_sft.config import ConfigError, MissingPathError, load_config
 
 EXIT_NON_FINITE = 3  # a step's loss or gradient norm was not finite (the message names the step and its samples)
+EXIT_BAD_SAMPLE = 4  # data.bad_samples=error met a bad sample at run time (a checkpoint of the last step was written)
 EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint written, run again to resume (sysexits' EX_TEMPFAIL: "try again")
 
 
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from llava_sft.train.guards import NonFiniteStepError, Preempted
+    from llava_sft.train.guards import BadSampleStop, NonFiniteStepError, Preempted
     from llava_sft.train.rundir import RunDirLocked
     from llava_sft.train.trainer import train
 
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] error: {e}", file=sys.stderr)
         code = 2
+    except BadSampleStop as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[train] error: {e}", file=sys.stderr)
+        code = EXIT_BAD_SAMPLE
     except Preempted as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] pre-empted: {e}", file=sys.stderr)

@@ -59,6 +59,32 @@ def agree(flags: list[bool], device: torch.device, world: int) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+class BadSampleStop(RuntimeError):
+    """data.bad_samples=error met a sample that start-up could not see (e.g. a corrupt image): the last complete
+    step was checkpointed on every rank first (the CLI exits 4)."""
+
+    def __init__(self, step: int, cause: str, checkpoint):
+        saved = (f"a checkpoint of step {step} was written ({checkpoint})" if checkpoint else
+                 "no step had completed, so there is no checkpoint")
+        super().__init__(f"step {step + 1}: a bad sample stopped the run (data.bad_samples=error): {cause}. {saved}. "
+                         f"Fix or remove the sample (python -m llava_sft.data.validate CONFIG --decode-images lists "
+                         f"them all) or set data.bad_samples=skip, then run the same command again "
+                         f"(train.resume=auto)")
+
+
+def bad_sample_message(error: BaseException) -> str | None:
+    """The BadSampleError behind a failed fetch: raised directly (num_workers=0), or re-raised by a DataLoader
+    worker as a RuntimeError naming it; None for any other error."""
+    from llava_sft.data.templates import BadSampleError
+
+    if isinstance(error, BadSampleError):
+        return str(error)
+    text = str(error)
+    if isinstance(error, RuntimeError) and "Caught BadSampleError" in text:
+        return text.split("BadSampleError: ")[-1].strip().splitlines()[0]
+    return None
+
+
 class NonFiniteStepError(RuntimeError):
     """A step whose loss or gradient norm is not finite: the run stops, and nothing is saved from that step on."""
 

@@ -49,7 +49,15 @@ from llava_sft.data.templates import get_template
 from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
 from llava_sft.train import checkpoint as ckpt
 from llava_sft.train import engine
-from llava_sft.train.guards import NonFiniteStepError, Preempted, PreemptionNotice, agree, stop_if_non_finite
+from llava_sft.train.guards import (
+    BadSampleStop,
+    NonFiniteStepError,
+    Preempted,
+    PreemptionNotice,
+    agree,
+    bad_sample_message,
+    stop_if_non_finite,
+)
 from llava_sft.train.logger import MetricsLogger, plot_loss_curve
 from llava_sft.train.probe import Probe
 from llava_sft.train.rundir import RunDirLock
@@ -380,7 +388,21 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
         if batches is None or in_epoch == 0:
             batches = epoch_steps(plan, dataset, epoch, in_epoch, collate, cfg.data.num_workers)
         t0 = time.perf_counter()
-        micro = next(batches)
+        try:
+            micro, failure = next(batches), None
+        except (RuntimeError, ValueError) as e:
+            failure = bad_sample_message(e)
+            if failure is None:
+                raise
+        # every rank learns of a failed fetch before any collective of the step; all write the checkpoint together
+        if agree([failure is not None], device, world)[0]:
+            newest = ckpt.list_checkpoints(ckpt_root)
+            path = None if step == 0 else newest[-1] if newest and newest[-1].name == f"step_{step}" else \
+                _save_periodic(ckpt_root, step, plan, model, optimizer, scheduler, cfg, dataset, n_startup_skips,
+                               rank, world, ds)
+            bar.close()
+            metrics.close()
+            raise BadSampleStop(step, failure or "on another rank (see its log)", path)
         t_data = time.perf_counter() - t0
         try:
             row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast,
