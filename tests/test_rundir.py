@@ -74,3 +74,9 @@ def test_a_dead_processs_lock_is_taken_over_and_another_hosts_is_not(llama_token
     with pytest.raises(RunDirLocked, match=rf"node-17 PID 1234.*delete {other / LOCK_FILE}"):
         train(run_config(llama_tokenizer_dir, shapes_dir, other, stage=1, max_steps=1))
     assert not (other / "metrics.jsonl").exists()
+
+
+def test_an_unwritable_output_dir_is_one_clear_error(llama_tokenizer_dir, shapes_dir, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(RunDirLocked, match=r"cannot write .*a-file/run/RUN\.lock .*writable directory"):
+        train(run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "a-file" / "run", stage=1, max_steps=1))

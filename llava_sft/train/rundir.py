@@ -39,13 +39,16 @@ class RunDirLock:
                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
     def acquire(self) -> "RunDirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # atomic: one creator wins
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
+            except OSError as e:  # read-only or full file system, no permission
+                raise RunDirLocked(f"cannot write {self.path} ({e.strerror or e}): train.output_dir must be a "
+                                   f"writable directory") from e
             with os.fdopen(fd, "w") as f:
                 json.dump(self.mine, f)
             return self
