@@ -123,7 +123,7 @@ def test_twins_take_the_real_parts_that_are_on_disk(llama_tokenizer_dir, write_p
     cfg = load_config(REPO / "configs" / "llava_v1_5" / "stage1_pretrain_7b.yaml")
     over, source, _ = twin.make_data(cfg, 8, tmp_path)
     assert json.loads(Path(over["data.path"]).read_text()) == records[:8] and "the first 8 records" in source
-    assert over["data.image_folder"] == str(root / "LLaVA-Pretrain" / "images")
+    assert over["data.image_folder"] == str((root / "LLaVA-Pretrain" / "images").resolve())
     config, where = twin.real_llm_config(cfg.model.llm.path)
     assert config == real and where == str(llm / "config.json")
     tokenizer, what = twin.make_tokenizer(cfg, [], tmp_path)

@@ -202,7 +202,7 @@ def make_data(cfg, n: int, out_dir: Path) -> tuple[dict, str, list[str]]:
     if real is not None and real.is_file():
         records = read_records(real)[:n]
         source = f"the first {len(records)} records of {real} (images from {cfg.data.image_folder})"
-        folder = cfg.data.image_folder
+        folder = Path(cfg.data.image_folder).resolve()  # the launcher runs from the repository root
     else:
         folder = out_dir / "images"
         records = generated_records(n, cfg.data.template, folder)
