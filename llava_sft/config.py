@@ -36,6 +36,9 @@ class DataConfig:
     overlong: str = "truncate"  # "truncate" (text after the last image only) or "drop"; both counted
     bad_samples: str = "error"  # "error" (stop, naming the sample) or "skip" (counted in the run report)
     check_images_at_start: bool = True  # stat every image file before training starts
+    # a turn whose text holds the template's markers or special tokens ('</s>', 'USER:'): "refuse" (a bad sample,
+    # under bad_samples) or "keep" (trained as is, counted in the start-up log)
+    control_strings: str = "refuse"
     group_by_modality: bool = False  # LLaVA-1.5 group_by_modality_length batches
     num_workers: int = 2
     # Padding-free packing (data/packing.py): each rank's share of a global batch is packed into rows of at most
@@ -143,6 +146,7 @@ CHOICES = {
     "train.lr_schedule": ("cosine", "constant"),
     "data.overlong": ("truncate", "drop"),
     "data.bad_samples": ("error", "skip"),
+    "data.control_strings": ("refuse", "keep"),
     "model.image_aspect": ("pad", "square"),
     "model.llm.dtype": ("float32", "bfloat16", "float16"),
     "model.llm.attn_implementation": ("sdpa", "eager", "flash_attention_2"),

@@ -126,3 +126,25 @@ def test_a_skipped_sample_is_counted_once_however_often_it_comes_up(llama_tokeni
     assert report["rejected_or_skipped"] == {"missing image file": 1}
     lines = (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == [records[0]["id"]]
+
+
+@pytest.mark.parametrize("text", ["The answer.</s> More text.", "Sure. USER: and now me", "Ends here. ASSISTANT:"])
+def test_replies_holding_the_templates_markers_are_refused_or_kept_by_option(llama_tokenizer_dir, shapes_dir,
+                                                                           tmp_path, text):
+    """Issue: a literal '</s>' or 'USER:' inside a reply became a real end-of-turn token (or a role) inside the
+    supervised span, silently."""
+    from llava_sft.data.templates import BadSampleError
+
+    records = json.loads((shapes_dir / "stage2.json").read_text())
+    target = next(r for r in records if "image" in r)
+    target["conversations"][1]["value"] = text
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=2, max_steps=1)
+    cfg.data.path = str(path)
+    with pytest.raises(BadSampleError, match=rf"{target['id']}.*control string .* in turn 1 \(gpt\).*"
+                                             r"data\.control_strings=keep"):
+        train(cfg)
+    cfg.data.control_strings = "keep"
+    train(cfg)
+    assert "1 samples contain the template's markers" in (tmp_path / "run" / "train.log").read_text()

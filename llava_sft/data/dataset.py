@@ -61,6 +61,20 @@ def _kind(reason: str) -> str:
     return re.sub(r"\d+", "N", kind).strip()
 
 
+def control_string_problem(conversations: list, template: ChatTemplate, tokenizer) -> str | None:
+    """A turn whose text contains the template's markers or the tokenizer's special tokens: a literal '</s>' in a
+    reply becomes a real end-of-turn token inside the supervised span, a 'USER:' teaches the model to speak for the
+    user. -> the reason (for data.control_strings=refuse), or None."""
+    strings = set(template.control_strings()) | {t for t in getattr(tokenizer, "all_special_tokens", []) if t.strip()}
+    for k, turn in enumerate(conversations):
+        text = turn.get("value", "") if isinstance(turn, dict) else ""
+        hits = sorted(s for s in strings if isinstance(text, str) and s in text)
+        if hits:
+            return (f"control string {hits[0]!r} in turn {k} ({turn.get('from')}): it would be read as a real chat "
+                    f"marker; clean the text, or data.control_strings=keep to train it as it is")
+    return None
+
+
 def image_list(record: dict, sample_id="?") -> list[str]:
     """The sample's image paths ("image" may be one path or a list of paths)."""
     image = record.get("image")
@@ -114,6 +128,7 @@ class LlavaJsonDataset(Dataset):
         overlong: str = "truncate",
         bad_samples: str = "error",
         check_images: bool = True,
+        control_strings: str = "refuse",
     ):
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
@@ -122,13 +137,17 @@ class LlavaJsonDataset(Dataset):
         self.image_folder = Path(image_folder)
         self.tokenizer, self.template, self.image_processor = tokenizer, template, image_processor
         self.tokens_per_image, self.max_length = tokens_per_image, max_length
-        self.overlong, self.bad_samples = overlong, bad_samples
+        self.overlong, self.bad_samples, self.control_strings = overlong, bad_samples, control_strings
+        self.kept_with_control_strings = 0
         self.report = SkipReport()
         records = read_records(json_path)
         log.info("%s: checking %d records%s", json_path, len(records), " and their image files" if check_images else "")
         self.records = self._check_all(records, check_images)
         log.info("%s: %d samples (%d with images), %d rejected at start-up", json_path, len(self.records),
                  sum(bool(image_list(r)) for r in self.records), len(self.report.skipped))
+        if self.kept_with_control_strings:
+            log.warning("%s: %d samples contain the template's markers or special tokens in their text, trained as "
+                        "they are (data.control_strings=keep)", json_path, self.kept_with_control_strings)
 
     # ------------------------------------------------------------ start-up checks
     def _check_all(self, records: list, check_images: bool) -> list[dict]:
@@ -160,6 +179,10 @@ class LlavaJsonDataset(Dataset):
             raise BadSampleError(sample_id, "not a record with 'conversations'")
         images = image_list(record, sample_id)
         self.template.render(record["conversations"], num_images=len(images), sample_id=sample_id)
+        problem = control_string_problem(record["conversations"], self.template, self.tokenizer)
+        if problem and self.control_strings == "refuse":
+            raise BadSampleError(sample_id, problem)
+        self.kept_with_control_strings += bool(problem)
         if check_images:
             for name in images:
                 if not (self.image_folder / name).is_file():

@@ -61,7 +61,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from llava_sft.data.dataset import SkipReport, fit_length, image_list
+from llava_sft.data.dataset import SkipReport, control_string_problem, fit_length, image_list
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import BadSampleError, ChatTemplate
 from llava_sft.data.tokenize import tokenize_conversation
@@ -101,6 +101,7 @@ class ShardDataset(IterableDataset):
         world_size: int = 1,
         pad_ranks: bool = False,
         verify: bool = True,
+        control_strings: str = "refuse",
     ):
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
@@ -115,6 +116,7 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size, self.pad_ranks = rank, world_size, pad_ranks
         self.epoch, self.skip = 0, 0
         self.verify, self._verified = verify, set()
+        self.control_strings = control_strings
         self.report = SkipReport()  # filled by the trainer from the skips its batches report
 
         self.shard_dir, self.manifest = load_manifest(shard_dir_or_manifest)
@@ -258,6 +260,9 @@ class ShardDataset(IterableDataset):
     def _load(self, record, sample_id, shard: str, key: str, fields: dict[str, bytes]) -> dict:
         if not isinstance(record, dict) or "conversations" not in record:
             raise BadSampleError(sample_id, "not a record with 'conversations'")
+        problem = control_string_problem(record["conversations"], self.template, self.tokenizer)
+        if problem and self.control_strings == "refuse":
+            raise BadSampleError(sample_id, problem)
         names = image_list(record, sample_id)
         stored = {}
         for field, data in fields.items():

@@ -49,6 +49,15 @@ class ChatTemplate:
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
     image_at_turn_start: bool = True
 
+    def control_strings(self) -> tuple[str, ...]:
+        """The markers this template writes around the content (role headers, end-of-turn and stop strings, e.g.
+        'USER:', 'ASSISTANT:', '</s>' for vicuna_v1), whitespace-only ones left out."""
+        parts = []
+        for fmt in (self.user_format, self.assistant_header, self.assistant_format, self.assistant_suffix):
+            parts += fmt.split("{content}")
+        found = {p.strip() for p in parts + list(self.stop_strings)}
+        return tuple(sorted(s for s in found if s))
+
     # ------------------------------------------------------------------ training
     def render(self, conversations: list[dict], num_images: int, sample_id="?") -> list[Segment]:
         """Render a whole training conversation into segments (checks its structure)."""

@@ -229,10 +229,11 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
             cfg.data.bad_samples)
     if cfg.data.shards:
         dataset = ShardDataset(cfg.data.shards, *args, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
-                               verify=cfg.data.verify_shards,
+                               verify=cfg.data.verify_shards, control_strings=cfg.data.control_strings,
                                rank=rank, world_size=world)
     else:
-        dataset = LlavaJsonDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start)
+        dataset = LlavaJsonDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start,
+                                   control_strings=cfg.data.control_strings)
     return model.to_device(device), tokenizer, dataset
 
 
