@@ -67,6 +67,7 @@ def test_a_dead_processs_lock_is_taken_over_and_another_hosts_is_not(llama_token
     cfg = run_config(llama_tokenizer_dir, shapes_dir, out, stage=1, max_steps=1)
     train(cfg)
     assert (out / "report.json").is_file() and not (out / LOCK_FILE).exists()
+    assert "training on cpu (train.device=auto), world size 1" in (out / "train.log").read_text()  # logged at start
 
     other = tmp_path / "other"
     other.mkdir()

@@ -321,6 +321,7 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
     if world > 1:
         dist.barrier()
     _setup_logging(run_dir if is_main else None)
+    log.info("training on %s (train.device=%s), world size %d", device, cfg.train.device, world)
     seed_everything(cfg.train.seed)
     t_cfg = cfg.train
 
