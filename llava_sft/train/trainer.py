@@ -134,7 +134,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     """LR factor per optimizer step, exactly HF Trainer's (LLaVA's reference runs): warmup steps =
     ceil(total x warmup_ratio) (TrainingArguments.get_warmup_steps), then transformers'
     get_cosine_schedule_with_warmup / get_constant_schedule_with_warmup -- whose step 0 has LR 0: the first
-    optimizer step only initialises Adam's moments (tests/test_schedule.py compares with transformers)."""
+    optimizer step only initialises Adam's moments (tests/test_train_mode.py compares with transformers)."""
     warmup = math.ceil(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:  # step = number of optimizer steps already taken
