@@ -35,7 +35,13 @@ class DataConfig:
     max_length: int = 2048  # tokens after image expansion
     overlong: str = "truncate"  # "truncate" (text after the last image only) or "drop"; both counted
     bad_samples: str = "error"  # "error" (stop, naming the sample) or "skip" (counted in the run report)
-    check_images_at_start: bool = True  # stat every image file before training starts
+    # images checked before training starts (data/catalog.py), in parallel: "header" (opened, header parsed: 0-byte,
+    # non-image and decompression-bomb files), "decode" (every pixel: also truncated files), "stat" (exists), "off"
+    check_images_at_start: str | bool = "header"
+    # the start-up check is done by one process per node and cached for the other ranks and the next run, in
+    # cache_dir ("" = $LLAVA_SFT_CACHE or ~/.cache/llava_sft); startup_cache=false checks in every process, every time
+    startup_cache: bool = True
+    cache_dir: str = ""
     # a turn whose text holds the template's markers or special tokens ('</s>', 'USER:'): "refuse" (a bad sample,
     # under bad_samples) or "keep" (trained as is, counted in the start-up log)
     control_strings: str = "refuse"
@@ -85,7 +91,9 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     wandb_project: str | None = None
-    flops_per_second_peak: float | None = None  # for MFU (e.g. 312e12 for A100 bf16); None = not logged
+    # one device's peak FLOP/s for `mfu` / `hfu` per step (train/flops.py); None = the GPU's dense bf16 peak from
+    # train/memory.py GPUS (A100, H100, H200), not logged on a CPU or an unknown GPU
+    flops_per_second_peak: float | None = None
     # log `live_tensor_gb` per step: bytes of all live torch tensors (unique storages) just before the optimizer
     # step, max over ranks -- weights, gradients, optimizer states (from the 2nd step), buffers; on a CPU the
     # analogue of CUDA's memory_allocated (costs a gc walk, ~0.2 s per step: for memory benchmarks only)
@@ -147,6 +155,7 @@ CHOICES = {
     "data.overlong": ("truncate", "drop"),
     "data.bad_samples": ("error", "skip"),
     "data.control_strings": ("refuse", "keep"),
+    "data.check_images_at_start": ("header", "decode", "stat", "off"),
     "model.image_aspect": ("pad", "square"),
     "model.llm.dtype": ("float32", "bfloat16", "float16"),
     "model.llm.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
@@ -173,6 +182,8 @@ def _get(cfg, key: str):
 def validate(cfg: RunConfig) -> RunConfig:
     """Every enum-like value against its allowed values (registries included), every size against its range."""
     errors = []
+    if isinstance(cfg.data.check_images_at_start, bool):  # YAML reads `off` as false; true is the default check
+        cfg.data.check_images_at_start = "header" if cfg.data.check_images_at_start else "off"
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

@@ -5,6 +5,7 @@ Fixture names are distinct from the module-level fixtures of test_reference_comp
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,15 @@ def chatml_tokenizer(tmp_path_factory):
     """Byte-level BPE, no BOS, EOS <|im_end|>, pad <|endoftext|> (Qwen2-like)."""
     path = make_chatml_style_tokenizer(demo_corpus(400) + EXTRA_LINES, tmp_path_factory.mktemp("chatml_tokenizer"))
     return load_tokenizer(str(path), use_fast=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _startup_cache(tmp_path_factory):
+    """The start-up check's cache (data/catalog.py) in this session's temporary directory, never in ~/.cache;
+    subprocesses (CLI tests) inherit it."""
+    os.environ["LLAVA_SFT_CACHE"] = str(tmp_path_factory.mktemp("llava_sft_cache"))
+    yield
+    os.environ.pop("LLAVA_SFT_CACHE", None)
 
 
 def _write_pngs(folder, names, size=(40, 24)) -> list[Path]:

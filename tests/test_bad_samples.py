@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava_sft.data.dataset import Collator, LlavaJsonDataset
+from llava_sft.data.dataset import Collator, LlavaJsonDataset, fit_length
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import BadSampleError, get_template
 from llava_sft.data.tokenize import tokenize_conversation
@@ -121,18 +121,35 @@ def test_missing_image_without_startup_check_skip(make_dataset):
 
 
 # ----------------------------------------------------------------------------- corrupt images
-@pytest.mark.parametrize("kind", ["garbage", "truncated_png"])
-def test_corrupt_image_error_names_sample(make_dataset, tmp_path, write_pngs, kind):
+def write_broken(tmp_path, write_pngs, kind) -> None:
     folder = tmp_path / "images"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     if kind == "garbage":
         content = b"this is not a PNG at all" * 10
-    else:  # a real PNG cut in the middle of its pixel data
+    elif kind == "empty":
+        content = b""
+    else:  # a real PNG cut in the middle of its pixel data: the header is intact
         data = write_pngs(tmp_path / "src", ["big.png"], size=(64, 64))[0].read_bytes()
         content = data[: len(data) // 2]
     (folder / "broken.png").write_bytes(content)
-    dataset = make_dataset([good("ok"), good("broken", image="broken.png")])
-    assert len(dataset) == 2  # the file exists, so start-up cannot know
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "truncated_png"])
+def test_corrupt_image_found_at_startup(make_dataset, tmp_path, write_pngs, kind):
+    """The default header check finds files that are no image at all; `decode` also finds truncated ones."""
+    write_broken(tmp_path, write_pngs, kind)
+    check = "decode" if kind == "truncated_png" else "header"
+    with pytest.raises(BadSampleError) as info:
+        make_dataset([good("ok"), good("broken", image="broken.png")], check_images=check)
+    message = str(info.value)
+    assert "1 bad sample(s) found at start-up" in message
+    assert "'broken'" in message and "corrupt image" in message and "broken.png" in message
+
+
+def test_truncated_image_passes_header_check_and_fails_when_loaded(make_dataset, tmp_path, write_pngs):
+    write_broken(tmp_path, write_pngs, "truncated_png")
+    dataset = make_dataset([good("ok"), good("broken", image="broken.png")])  # header only: cannot know
+    assert len(dataset) == 2
     assert dataset[0]["id"] == "ok"
     with pytest.raises(BadSampleError) as info:
         dataset[1]
@@ -140,12 +157,21 @@ def test_corrupt_image_error_names_sample(make_dataset, tmp_path, write_pngs, ki
     assert "'broken'" in str(info.value) and "corrupt image" in str(info.value) and "broken.png" in str(info.value)
 
 
-def test_corrupt_image_skip(make_dataset, tmp_path):
+@pytest.mark.parametrize("check", ["stat", "off"])
+def test_corrupt_image_unchecked_at_startup_is_a_bad_sample_when_loaded(make_dataset, tmp_path, check):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG garbage")
-    dataset = make_dataset([good("broken", image="broken.png")], bad_samples="skip")
+    dataset = make_dataset([good("broken", image="broken.png")], bad_samples="skip", check_images=check)
     item = dataset[0]
     assert item["id"] == "broken" and item["skip"].startswith("corrupt image")
+
+
+def test_corrupt_image_skip_at_startup_is_counted(make_dataset, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG garbage")
+    dataset = make_dataset([good("ok"), good("broken", image="broken.png")], bad_samples="skip")
+    assert [r["id"] for r in dataset.records] == ["ok"]
+    assert dataset.report.counts() == {"corrupt image": 1}
 
 
 # ----------------------------------------------------------------------------- structural problems
@@ -197,9 +223,11 @@ def test_records_without_id_keep_their_name_after_skips(make_dataset, tmp_path):
     (tmp_path / "images" / "broken.png").write_bytes(b"garbage")
     records = [{"conversations": [human("Hi")]},  # #0: rejected at start-up
                {"image": "broken.png", "conversations": [human("<image>\nWhat?"), gpt("Red.")]}]  # #1: corrupt
-    dataset = make_dataset(records, bad_samples="skip")
+    dataset = make_dataset(records, bad_samples="skip", check_images="stat")
     assert dataset.report.skipped[0][0] == "#0"
     assert dataset[0]["id"] == "#1"  # the corrupt sample is record #1 of the file
+    dataset = make_dataset(records, bad_samples="skip")  # the header check finds it at start-up, by the same name
+    assert [sid for sid, _ in dataset.report.skipped] == ["#0", "#1"]
 
 
 def test_non_string_image_field_is_a_bad_sample(make_dataset):
@@ -259,43 +287,63 @@ def test_overlong_exact_fit_is_not_truncated(make_dataset, llama_tokenizer):
     assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
 
 
+def assert_refused_at_startup(make_dataset, records, reason_part, bad_samples, **kwargs):
+    """The over-long policy is applied at start-up: an error listing the sample, or a counted skip."""
+    if bad_samples == "error":
+        with pytest.raises(BadSampleError) as info:
+            make_dataset(records, bad_samples=bad_samples, **kwargs)
+        assert "found at start-up" in str(info.value) and "'long'" in str(info.value)
+        assert reason_part in str(info.value)
+    else:
+        dataset = make_dataset(records, bad_samples=bad_samples, **kwargs)
+        assert "long" not in [r["id"] for r in dataset.records]
+        assert [sid for sid, _ in dataset.report.skipped] == ["long"]
+        assert dataset.report.skipped[0][1].startswith("overlong") and reason_part in dataset.report.skipped[0][1]
+
+
 @pytest.mark.parametrize("bad_samples", ["error", "skip"])
 def test_overlong_image_does_not_fit(make_dataset, llama_tokenizer, bad_samples):
     ids, _ = full_tokens(llama_tokenizer, long_sample())
     max_length = ids.index(IMAGE_TOKEN_INDEX) + TOKENS_PER_IMAGE - 1  # the image's tokens would cross max_length
-    dataset = make_dataset([long_sample()], max_length=max_length, bad_samples=bad_samples)
-    if bad_samples == "error":
-        with pytest.raises(BadSampleError) as info:
-            dataset[0]
-        assert info.value.sample_id == "long" and info.value.reason.startswith("overlong")
-    else:
-        item = dataset[0]
-        assert item["id"] == "long" and item["skip"].startswith("overlong")
+    assert_refused_at_startup(make_dataset, [long_sample()], "image tokens end beyond", bad_samples,
+                              max_length=max_length)
 
 
-def test_overlong_no_supervised_token_left(make_dataset, llama_tokenizer):
+@pytest.mark.parametrize("bad_samples", ["error", "skip"])
+def test_overlong_no_supervised_token_left(make_dataset, llama_tokenizer, bad_samples):
+    """A first human turn so long that nothing the assistant says fits: found before training, not in a loader
+    worker at the step that reaches it."""
     ids, labels = full_tokens(llama_tokenizer, long_sample())
     first_supervised = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     max_length = first_supervised + TOKENS_PER_IMAGE - 1  # keeps everything up to "ASSISTANT:" only
-    dataset = make_dataset([long_sample()], max_length=max_length, bad_samples="skip")
-    item = dataset[0]
-    assert item["id"] == "long" and item["skip"].startswith("overlong") and "supervised" in item["skip"]
+    assert_refused_at_startup(make_dataset, [long_sample()], "no supervised token", bad_samples,
+                              max_length=max_length)
 
 
 @pytest.mark.parametrize("bad_samples", ["error", "skip"])
 def test_overlong_drop(make_dataset, llama_tokenizer, bad_samples):
     ids, _ = full_tokens(llama_tokenizer, long_sample())
     max_length = len(ids) - 1 + TOKENS_PER_IMAGE - 1
-    dataset = make_dataset([long_sample(), good("short")], max_length=max_length, overlong="drop",
-                           bad_samples=bad_samples)
-    assert dataset[1]["truncated"] is False  # a sample that fits is untouched
-    if bad_samples == "error":
-        with pytest.raises(BadSampleError) as info:
-            dataset[0]
-        assert info.value.sample_id == "long" and info.value.reason.startswith("overlong")
+    assert_refused_at_startup(make_dataset, [long_sample(), good("short")], "max_length", bad_samples,
+                              max_length=max_length, overlong="drop")
+    if bad_samples == "skip":
+        dataset = make_dataset([long_sample(), good("short")], max_length=max_length, overlong="drop",
+                               bad_samples="skip")
+        assert dataset[0]["id"] == "short" and dataset[0]["truncated"] is False  # a sample that fits is untouched
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_runtime_overlong_still_follows_policy(overlong):
+    """The loader applies the same function (fit_length) to whatever start-up did not catch."""
+    ids = [1, 5, IMAGE_TOKEN_INDEX, 6, 7, 8, 9]
+    labels = [IGNORE_INDEX] * 4 + [8, 9, 2]
+    if overlong == "truncate":
+        with pytest.raises(BadSampleError, match="no supervised token"):
+            fit_length(ids, labels, 4 + TOKENS_PER_IMAGE - 1, TOKENS_PER_IMAGE, overlong, "x")
+        assert fit_length(ids, labels, 5 + TOKENS_PER_IMAGE - 1, TOKENS_PER_IMAGE, overlong, "x")[2] is True
     else:
-        assert dataset[0] == {"id": "long", "skip": dataset[0]["skip"]}
-        assert dataset[0]["skip"].startswith("overlong")
+        with pytest.raises(BadSampleError, match="overlong"):
+            fit_length(ids, labels, 5 + TOKENS_PER_IMAGE - 1, TOKENS_PER_IMAGE, overlong, "x")
 
 
 # ----------------------------------------------------------------------------- collator
@@ -310,7 +358,9 @@ def test_collator_pads_and_reports_skips(make_dataset, llama_tokenizer, tmp_path
     ]
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "broken.png").write_bytes(b"garbage")
-    dataset = make_dataset(records, images=("a.png", "b.png", "c.png"), bad_samples="skip", max_length=120)
+    # stat only: the corrupt image is found when loaded, as a file broken after the start-up check would be
+    dataset = make_dataset(records, images=("a.png", "b.png", "c.png"), bad_samples="skip", max_length=120,
+                           check_images="stat")
     items = [dataset[i] for i in range(len(dataset))]
     assert "skip" in items[3]
     pad = llama_tokenizer.pad_token_id

@@ -76,10 +76,11 @@ def test_a_bad_sample_at_run_time_checkpoints_then_stops_naming_it(llama_tokeniz
     make_shapes(data, seed=4, image_size=32, n_stage1=32, n_stage2=4, n_eval=2, text_only_frac=0.0)
     records = json.loads((data / "stage1.json").read_text())
     bad = records[21]
-    (data / "images" / bad["image"]).write_bytes(b"")  # exists (passes the start-up stat), does not decode
+    (data / "images" / bad["image"]).write_bytes(b"")  # exists, does not decode
     out = tmp_path / "run"
     cfg = run_config(llama_tokenizer_dir, data, out, stage=1, max_steps=8, global_batch_size=4, micro_batch_size=2)
     cfg.data.num_workers = workers
+    cfg.data.check_images_at_start = "stat"  # passes: as a file that broke after the start-up check would
     proc = run_cli(cfg, tmp_path)
     assert proc.returncode == 4, proc.stderr[-3000:]
     [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("[train] error:")]

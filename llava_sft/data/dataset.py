@@ -3,12 +3,12 @@
 Reads `[{"id", "image"?: str | [str], "conversations": [{"from": "human"|"gpt", "value"}]}]`
 (LLaVA-Pretrain 558K, CC3M-595K chat.json, llava_instruct_150k, llava_v1_5_mix665k).
 
-Bad input never disappears silently. At start-up every record's structure is checked (roles,
-turn count, `<image>` count vs images, empty replies) and every image file is stat-ed; problems
-either stop the run with a list naming the samples (`bad_samples: error`, the default) or are
-skipped and listed in the run report (`bad_samples: skip`). Problems only visible when a sample
-is loaded (undecodable image, template not fitting the tokenizer) follow the same policy at run
-time. Over-long samples (counted after image expansion) follow `overlong`:
+Bad input never disappears silently. At start-up (data/catalog.py: once per node, cached) every record's structure,
+text, length under the over-long policy and images (data.check_images_at_start) are checked; problems either stop
+the run with a list naming the samples (`bad_samples: error`, the default) or are skipped and listed in the run
+report (`bad_samples: skip`). A problem only visible when a sample is loaded (an image that broke after the check,
+a template not fitting the tokenizer) follows the same policy at run time. Over-long samples (counted after image
+expansion) follow `overlong`:
   truncate - cut text after the last image so the sample fits (never through an image's tokens);
              if the images themselves do not fit, or no supervised token is left, drop it (counted)
   drop     - drop it (counted)
@@ -22,11 +22,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_sft.data.catalog import OK, Catalog, StartupSettings, prepare
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import BadSampleError, ChatTemplate
 from llava_sft.data.tokenize import tokenize_conversation
@@ -115,6 +117,19 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
+class Records:
+    """The kept samples as a read-only sequence of dicts, decoded on access from the catalog's shared buffer."""
+
+    def __init__(self, catalog: Catalog, keep: np.ndarray):
+        self.catalog, self.keep = catalog, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.catalog.record(int(self.keep[index]))
+
+
 class LlavaJsonDataset(Dataset):
     def __init__(
         self,
@@ -127,44 +142,25 @@ class LlavaJsonDataset(Dataset):
         max_length: int,
         overlong: str = "truncate",
         bad_samples: str = "error",
-        check_images: bool = True,
+        check_images: str | bool = "header",
         control_strings: str = "refuse",
+        cache_dir: str | None = None,
+        startup_cache: bool = True,
     ):
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
         if bad_samples not in ("error", "skip"):
             raise ValueError(f"data.bad_samples must be 'error' or 'skip', got {bad_samples!r}")
+        check_images = {True: "header", False: "off"}.get(check_images, check_images)
         self.image_folder = Path(image_folder)
         self.tokenizer, self.template, self.image_processor = tokenizer, template, image_processor
         self.tokens_per_image, self.max_length = tokens_per_image, max_length
         self.overlong, self.bad_samples, self.control_strings = overlong, bad_samples, control_strings
-        self.kept_with_control_strings = 0
         self.report = SkipReport()
-        records = read_records(json_path)
-        log.info("%s: checking %d records%s", json_path, len(records), " and their image files" if check_images else "")
-        self.records = self._check_all(records, check_images)
-        log.info("%s: %d samples (%d with images), %d rejected at start-up", json_path, len(self.records),
-                 sum(bool(image_list(r)) for r in self.records), len(self.report.skipped))
-        if self.kept_with_control_strings:
-            log.warning("%s: %d samples contain the template's markers or special tokens in their text, trained as "
-                        "they are (data.control_strings=keep)", json_path, self.kept_with_control_strings)
-
-    # ------------------------------------------------------------ start-up checks
-    def _check_all(self, records: list, check_images: bool) -> list[dict]:
-        good, problems, first_at = [], [], {}
-        for i, record in enumerate(records):
-            sample_id = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
-            if isinstance(record, dict):
-                record.setdefault("id", sample_id)  # samples without an id are named by their position in the file
-            try:
-                key = str(sample_id)
-                if key in first_at:  # ids name samples in skip reports, errors and resume: they must be unique
-                    raise BadSampleError(sample_id, f"duplicate id (record #{i}; the first was record #{first_at[key]})")
-                first_at[key] = i
-                self._check_record(record, sample_id, check_images)
-                good.append(record)
-            except BadSampleError as e:
-                problems.append(e)
+        settings = StartupSettings(template, tokenizer, tokens_per_image, max_length, overlong, control_strings,
+                                   check_images)
+        catalog = prepare(json_path, self.image_folder, settings, cache_dir, startup_cache, read=read_records)
+        problems = catalog.problems()
         if problems and self.bad_samples == "error":
             listing = "\n".join(f"  - {e}" for e in problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -172,34 +168,26 @@ class LlavaJsonDataset(Dataset):
                                  f"(set data.bad_samples=skip to skip and report them):\n{listing}{more}")
         for e in problems:
             self.report.add(e.sample_id, e.reason)
-        return good
-
-    def _check_record(self, record, sample_id, check_images: bool) -> None:
-        if not isinstance(record, dict) or "conversations" not in record:
-            raise BadSampleError(sample_id, "not a record with 'conversations'")
-        images = image_list(record, sample_id)
-        self.template.render(record["conversations"], num_images=len(images), sample_id=sample_id)
-        problem = control_string_problem(record["conversations"], self.template, self.tokenizer)
-        if problem and self.control_strings == "refuse":
-            raise BadSampleError(sample_id, problem)
-        self.kept_with_control_strings += bool(problem)
-        if check_images:
-            for name in images:
-                if not (self.image_folder / name).is_file():
-                    raise BadSampleError(sample_id, f"missing image file: {self.image_folder / name}")
+        keep = np.flatnonzero(catalog.state == OK)
+        self.records, self._approx, self._has_image = Records(catalog, keep), catalog.approx[keep], catalog.n_images[keep] > 0
+        self.kept_with_control_strings = catalog.meta["kept_with_control_strings"]
+        log.info("%s: %d samples (%d with images), %d rejected at start-up; %d longer than max_length %d will be "
+                 "truncated (data.overlong=%s)", json_path, len(keep), int(self._has_image.sum()), len(problems),
+                 catalog.meta["will_truncate"], max_length, overlong)
+        if self.kept_with_control_strings:
+            log.warning("%s: %d samples contain the template's markers or special tokens in their text, trained as "
+                        "they are (data.control_strings=keep)", json_path, self.kept_with_control_strings)
 
     # ------------------------------------------------------------------ samples
     def __len__(self) -> int:
         return len(self.records)
 
     def has_image(self, index: int) -> bool:
-        return bool(image_list(self.records[index]))
+        return bool(self._has_image[index])
 
     def approx_length(self, index: int) -> int:
         """Cheap length estimate for batching by length (words + image tokens), as LLaVA does."""
-        record = self.records[index]
-        words = sum(len(turn["value"].split()) for turn in record["conversations"])
-        return words + self.tokens_per_image * len(image_list(record))
+        return int(self._approx[index])
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

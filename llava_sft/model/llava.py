@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_sft.constants import IGNORE_INDEX
 from llava_sft.model.lora import LoraSettings, attach_lora, is_adapter_param, is_lora, load_lora, quantization_config
+from llava_sft.model.loss import loss_sum
 from llava_sft.model.packed_attention import llm_inputs
 from llava_sft.model.projector import build_projector
 from llava_sft.model.splice import splice_images
@@ -93,6 +92,8 @@ class LlavaModel(nn.Module):
         self.llm = llm if llm is not None else build_llm(cfg.llm, quantization_config(cfg.lora, DTYPES[cfg.llm.dtype]))
         self.llm.config.use_cache = False
         self.projector = build_projector(cfg.projector, self.vision_tower.hidden_size, self.llm_hidden_size)
+        self.supervised_logits_only = True  # model/loss.py; False computes the logits at every position
+        self.text_only_anchor = "modules"  # what a text-only micro-batch runs for the engine (_text_only_anchor)
 
     def add_lora(self, gradient_checkpointing: bool = False) -> None:
         """Fresh LoRA adapters on the LLM, as `cfg.lora` says (the base LLM must come from a path)."""
@@ -138,30 +139,44 @@ class LlavaModel(nn.Module):
         return getattr(self.llm.config, "_attn_implementation", None) or self.cfg.llm.attn_implementation
 
     def logits_and_labels(self, input_ids, attention_mask, images=None, labels=None):
-        """LLM logits and the labels aligned with them (unshifted). `attention_mask` may hold the segment ids
-        of packed rows (data/packing.py); the logits are then [1, N, V] over the real tokens, row by row, on
-        the flash (varlen) path and [B, T, V] otherwise (see model/packed_attention.py)."""
+        """LLM logits at every position and the labels aligned with them (unshifted), for inspection and tests
+        (training uses `forward`, which computes the logits only where a label is). `attention_mask` may hold the
+        segment ids of packed rows (data/packing.py); the logits are then [1, N, V] over the real tokens, row by
+        row, on the flash (varlen) path and [B, T, V] otherwise (see model/packed_attention.py)."""
         batch = self.embed(input_ids, attention_mask, images, labels)
         kwargs, labels = llm_inputs(batch, self.attn_implementation)
         return self.llm(**kwargs, use_cache=False).logits, labels
 
     def forward(self, input_ids, attention_mask, images=None, labels=None):
-        """Returns (sum of token losses, number of supervised tokens); the caller normalises."""
-        anchor = None
-        if features_unused(images) and torch.is_grad_enabled():
-            # A text-only batch still runs the vision tower and the projector, on one blank image whose output
-            # counts zero times, before the LLM as an image batch does: DDP and ZeRO expect a gradient for every
-            # trainable parameter, and ZeRO-3's module hooks issue collectives, so every rank must call the same
-            # modules in the same order whatever the modality of its micro-batch (else two ranks hang).
-            size = self.vision_tower.image_size
-            anchor = self.encode_images(torch.zeros(1, 3, size, size, device=input_ids.device)).sum() * 0.0
-        logits, labels = self.logits_and_labels(input_ids, attention_mask, images, labels)
-        logits = logits[:, :-1].float()
-        targets = labels[:, 1:]
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-        if anchor is not None:
-            loss_sum = loss_sum + anchor
-        return loss_sum, targets.ne(IGNORE_INDEX).sum()
+        """Returns (sum of token losses, number of supervised tokens); the caller normalises. The LM head runs
+        only at supervised positions (model/loss.py) unless `supervised_logits_only` is False."""
+        anchor = self._text_only_anchor(images, input_ids.device)
+        batch = self.embed(input_ids, attention_mask, images, labels)
+        kwargs, labels = llm_inputs(batch, self.attn_implementation)
+        loss, count = loss_sum(self.llm, kwargs, labels, self.supervised_logits_only)
+        if anchor is None and torch.is_grad_enabled() and not loss.requires_grad:
+            anchor = self._param_anchor()  # a text-only batch under a frozen LLM: give backward something to do
+        return (loss + anchor if anchor is not None else loss), count
+
+    def _text_only_anchor(self, images, device):
+        """A zero that reaches the projector (and, under ZeRO-3, the tower) when a micro-batch has no image, as the
+        engine needs (`text_only_anchor`, set by the trainer):
+          "modules" (ZeRO-3): one blank image through the tower and the projector before the LLM, as an image
+              batch does -- ZeRO-3's module hooks issue collectives, so every rank must call the same modules in
+              the same order whatever its micro-batch holds (else two ranks hang);
+          "params" (DDP, ZeRO-1/2): the projector's parameters times zero -- every trainable parameter must get a
+              gradient, and the tower's forward is not needed for that;
+          "none" (one process): nothing (the projector simply gets no gradient from this micro-batch)."""
+        if not features_unused(images) or not torch.is_grad_enabled() or self.text_only_anchor == "none":
+            return None
+        if self.text_only_anchor == "params":
+            return self._param_anchor()
+        size = self.vision_tower.image_size
+        return self.encode_images(torch.zeros(1, 3, size, size, device=device)).sum() * 0.0
+
+    def _param_anchor(self):
+        trainable = [p for p in self.projector.parameters() if p.requires_grad]
+        return sum(p.sum() for p in trainable) * 0.0 if trainable else None
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, images=None, **gen_kwargs) -> torch.Tensor:

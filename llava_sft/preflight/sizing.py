@@ -57,8 +57,11 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
     lora_r = cfg.model.lora.r if cfg.model.lora else 0
     states = memory.predicted_states_gb(method, engine, num_gpus, llm, vision_params, proj, lora_r, bf16)
 
+    # labelled tokens per sample: Stage 1's caption (< 64 tokens); Stage 2 at worst every text token of a full row
+    supervised = 64 if stage1 else seq - image_tokens
+
     def peak(micro: int) -> float:
-        return states + memory.predicted_activations_gb(llm, micro, seq, checkpointing_active, bf16)
+        return states + memory.predicted_activations_gb(llm, micro, seq, checkpointing_active, bf16, supervised)
 
     gpus = {}
     for name, gpu in memory.GPUS.items():

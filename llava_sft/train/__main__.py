@@ -9,7 +9,8 @@ or simply `bash scripts/stage1.sh` then `bash scripts/stage2.sh` (see README). W
 (configs/deepspeed/) the same torchrun command trains under DeepSpeed ZeRO-2/3; on a CPU-only machine
 DeepSpeed needs DS_ACCELERATOR=cpu (set automatically when unset).
 
-Exit codes: 0 done, 2 config error (or a missing path, or another run holding the run directory), 3 a non-finite
+Exit codes: 0 done, 2 config error (or a missing path, another run holding the run directory, or bad samples found
+by the start-up check under data.bad_samples=error: the message lists them), 3 a non-finite
 loss or gradient norm stopped the run (nothing saved from it), 4 a bad sample met at run time under
 data.bad_samples=error (the last complete step checkpointed first),
 75 pre-empted (SIGTERM or SIGUSR1: a checkpoint of the last finished step was written; run again to resume).
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from llava_sft.data.templates import BadSampleError
     from llava_sft.train.guards import BadSampleStop, NonFiniteStepError, Preempted
     from llava_sft.train.rundir import RunDirLocked
     from llava_sft.train.trainer import train
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] error: {e}", file=sys.stderr)
         code = EXIT_NON_FINITE
-    except (RunDirLocked, MissingPathError) as e:  # found before anything loaded; rank 0 says it once
+    except (RunDirLocked, MissingPathError, BadSampleError) as e:  # found before training; rank 0 says it once
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] error: {e}", file=sys.stderr)
         code = 2

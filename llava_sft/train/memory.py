@@ -9,8 +9,10 @@ whole on every rank. Not counted: DeepSpeed's communication buckets and ZeRO-3's
 
 Activations of a Llama decoder layer with flash attention (no s^2 term): 34 bytes x tokens x hidden in 16-bit
 (Korthikanti et al. 2022, table 2); with gradient checkpointing each layer keeps only its 2-byte input, plus one
-layer's activations during its recompute. The logits: 16-bit, their fp32 copy for the loss and its gradient:
-~10 bytes per token x vocabulary (the LM head runs on every position today).
+layer's activations during its recompute. The logits exist only at supervised positions (model/loss.py): 16-bit
+logits and their gradient (4 bytes per supervised token x vocabulary) plus one chunk of fp32 log-probabilities and
+its gradient (8 bytes x CHUNK_ROWS x vocabulary); computed at every position (a model with a logit transform) they
+were ~10 bytes per token x vocabulary.
 
 FLOPs per token (Kaplan et al. 2020 / PaLM appendix B): forward 2N, backward 4N when the weights train (2N for the
 activation gradients when they are frozen), attention 12 x layers x hidden x seq per token for forward + backward;
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
+LOSS_CHUNK_ROWS = 2048  # model/loss.py CHUNK_ROWS (not imported: this module stays free of torch)
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,17 @@ def predicted_states_gb(method: str, engine: str, nproc: int, llm: dict, vision_
     return states / GIB
 
 
-def predicted_activations_gb(llm: dict, micro: int, seq: int, checkpointing: bool, bf16: bool) -> float:
-    """Per-rank activations of one micro-batch (see the module docstring), logits included."""
+def predicted_activations_gb(llm: dict, micro: int, seq: int, checkpointing: bool, bf16: bool,
+                             supervised: int | None = None) -> float:
+    """Per-rank activations of one micro-batch (see the module docstring), logits included; `supervised`: labelled
+    tokens per sample (None: every token, the upper bound)."""
     h, n, v = llm["hidden_size"], llm["num_hidden_layers"], llm["vocab_size"]
     tokens = micro * seq
+    rows = micro * (seq if supervised is None else min(supervised, seq))
     scale = 1 if bf16 else 2  # fp32 activations are twice the 16-bit ones
     layers = (34 * tokens * h + n * 2 * tokens * h) if checkpointing else n * 34 * tokens * h
-    return (layers * scale + 10 * tokens * v) / GIB
+    logits = (4 * rows + 8 * min(rows, LOSS_CHUNK_ROWS)) * v
+    return (layers * scale + logits) / GIB
 
 
 def flops_per_token(llm: dict, seq: int, weight_grads: bool, vision_params: int = 0, image_tokens_share: float = 0.0,

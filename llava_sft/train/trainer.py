@@ -19,8 +19,6 @@ see train/engine.py), both launched with torchrun; the loss normalisation, optim
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import itertools
 import json
 import logging
@@ -39,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from llava_sft.config import RunConfig, check_paths, save_config, to_dict, validate
 from llava_sft.constants import IGNORE_INDEX
+from llava_sft.data.catalog import file_sha256
 from llava_sft.data.dataset import Collator, LlavaJsonDataset
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.packing import PackingCollator, token_counts
@@ -46,9 +45,10 @@ from llava_sft.data.sampler import BatchPlan
 from llava_sft.data.shards import ShardDataset
 from llava_sft.data.stream import StreamPlan
 from llava_sft.data.templates import get_template
-from llava_sft.model.llava import LlavaModel, load_tokenizer, numel
+from llava_sft.model.llava import LlavaModel, load_tokenizer
 from llava_sft.train import checkpoint as ckpt
 from llava_sft.train import engine
+from llava_sft.train.flops import FlopModel, peak_flops, sequence_lengths
 from llava_sft.train.guards import (
     BadSampleStop,
     NonFiniteStepError,
@@ -233,7 +233,8 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
                                rank=rank, world_size=world)
     else:
         dataset = LlavaJsonDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start,
-                                   control_strings=cfg.data.control_strings)
+                                   control_strings=cfg.data.control_strings, cache_dir=cfg.data.cache_dir or None,
+                                   startup_cache=cfg.data.startup_cache)
     return model.to_device(device), tokenizer, dataset
 
 
@@ -337,6 +338,9 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
     # no-op for every LLM loaded from a directory, and dropout (LoRA's too) was off. The vision tower stays in
     # eval mode (VisionTower.train); generation and evaluation load with .eval() (LlavaModel.from_pretrained).
     model.train()
+    # what a text-only micro-batch must run for this engine (LlavaModel._text_only_anchor): ZeRO-3 every module,
+    # DDP and ZeRO-1/2 a gradient for every trainable parameter, one plain process nothing
+    model.text_only_anchor = "modules" if ds is not None and ds.stage == 3 else ("params" if world > 1 else "none")
     plan = make_plan(cfg, dataset, world, rank)
     total_steps = t_cfg.max_steps or math.ceil(t_cfg.epochs * plan.steps_per_epoch)
     warn_about_repeats(plan.repeated_per_epoch(), dataset_size(dataset), t_cfg.global_batch_size)
@@ -344,7 +348,9 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
     if not trainable:
         raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
     check_master_weights(model, ds is not None)
-    flops_per_token = _flops_per_token(model, t_cfg.train_llm)
+    # FLOPs per micro-batch from its real shapes (train/flops.py), for `mfu` / `hfu` when the peak is known
+    flop_model = FlopModel.of(model, t_cfg.gradient_checkpointing, reentrant=ds is not None and ds.stage == 3)
+    peak = peak_flops(t_cfg.flops_per_second_peak, device)
     groups = param_groups(model, t_cfg.weight_decay, t_cfg.lr, t_cfg.projector_lr)
     schedule = lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule)
     ddp = None
@@ -408,7 +414,7 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
         t_data = time.perf_counter() - t0
         try:
             row = _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast,
-                              dataset.report, ds)
+                              dataset.report, ds, flop_model=flop_model)
         except NonFiniteStepError as e:
             e.step = step + 1
             bar.close()
@@ -421,8 +427,10 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
         row.update(step=step, epoch=round(step / plan.steps_per_epoch, 4), data_s=round(t_data, 4),
                    compute_s=round(t_step - t_data, 4), tokens_per_s=round(row["tokens"] / t_step, 1),
                    samples_per_s=round(row["samples"] / t_step, 2))
-        if t_cfg.flops_per_second_peak:
-            row["mfu"] = round(flops_per_token * row["tokens"] / t_step / (t_cfg.flops_per_second_peak * world), 4)
+        model_flops, hardware_flops = row.pop("model_flops"), row.pop("hardware_flops")
+        if peak:
+            row["mfu"] = round(model_flops / t_step / (peak * world), 4)
+            row["hfu"] = round(hardware_flops / t_step / (peak * world), 4)
         if step % t_cfg.log_every == 0 or step == total_steps:
             row["peak_mem_gb"] = peak_memory_gb(device, world)
             metrics.log(row)
@@ -453,8 +461,10 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
     return run_dir
 
 
-def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_autocast: bool, ds=None) -> dict:
-    """Forward/backward over one step's micro-batches, normalised by the global supervised-token count.
+def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_autocast: bool, ds=None,
+                         flop_model: FlopModel | None = None) -> dict:
+    """Forward/backward over one step's micro-batches, normalised by the global supervised-token count; with a
+    `flop_model`, the step's model and hardware FLOPs summed over ranks (train/flops.py).
 
     Afterwards `p.grad` holds d(mean token loss over the whole global batch)/dp, whatever the split
     into micro-batches and ranks (under DeepSpeed: the engine's gradient partitions hold it).
@@ -475,8 +485,11 @@ def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_
         micro = [_no_op_batch()]
     n_local = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro)
     counts = [token_counts(b, model.tokens_per_image) for b in micro]  # (real tokens, computed slots)
+    flops = [flop_model.step(sequence_lengths(b, model.tokens_per_image), int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()),
+                             b["images"].shape[0], model.tokens_per_image) for b in micro] if flop_model else []
     stats = all_reduce_sum(torch.tensor([float(n_local), float(sum(len(b["ids"]) for b in micro)),
-                                         float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts))],
+                                         float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts)),
+                                         sum(f[0] for f in flops), sum(f[1] for f in flops)],
                                         dtype=torch.float64), world)
     n_global = max(stats[0].item(), 1.0)
     loss_total = torch.zeros((), device=device)
@@ -498,7 +511,8 @@ def accumulate_gradients(model, ddp, micro: list[dict], world: int, device, use_
     loss = all_reduce_sum(loss_total, world).item() / n_global
     tokens, slots = int(stats[2].item()), int(stats[3].item())
     return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens,
-            "real_token_frac": round(tokens / slots, 4) if slots else 0.0, "samples": int(stats[1].item())}
+            "real_token_frac": round(tokens / slots, 4) if slots else 0.0, "samples": int(stats[1].item()),
+            "model_flops": stats[4].item(), "hardware_flops": stats[5].item()}
 
 
 def _no_op_batch() -> dict:
@@ -507,13 +521,14 @@ def _no_op_batch() -> dict:
             "labels": torch.full((1, 1), IGNORE_INDEX), "images": torch.zeros(0, 3, 1, 1), "ids": []}
 
 
-def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, report, ds=None) -> dict:
+def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, use_autocast, report, ds=None,
+                flop_model=None) -> dict:
     for batch in micro:
         for sample_id, reason in batch["skipped"]:
             report.add(sample_id, reason)
         report.truncated += batch["truncated"]
         report.converted_images += batch.get("converted", 0)
-    row = accumulate_gradients(model, ddp, micro, world, device, use_autocast, ds)
+    row = accumulate_gradients(model, ddp, micro, world, device, use_autocast, ds, flop_model=flop_model)
     if t_cfg.profile_memory:  # weights, gradients and (from the 2nd step) optimizer states are all live here
         row["live_tensor_gb"] = live_tensor_gb(model, device, world)
     lr = scheduler.get_last_lr()[0]
@@ -525,7 +540,10 @@ def _train_step(model, ddp, micro, optimizer, scheduler, t_cfg, world, device, u
         row.update(loss=round(row["loss"], 6), lr=lr, grad_norm=round(grad_norm, 6))
         return row
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:  # unused this step (the projector, when every micro-batch was text-only): a zero gradient, as
+        if p.grad is None:  # DDP and ZeRO give it -- AdamW skips a None gradient but still moves on momentum for a 0
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     if t_cfg.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
     else:
@@ -571,12 +589,6 @@ def dataset_size(dataset) -> int:
     return dataset.num_samples if isinstance(dataset, ShardDataset) else len(dataset)
 
 
-def _flops_per_token(model: LlavaModel, train_llm: bool) -> float:
-    """Approximate training FLOPs per sequence token: forward 2N, backward 2N (+2N weight grads if the LLM trains)."""
-    n_llm = sum(numel(p) for p in model.llm.parameters())
-    return (6 if train_llm else 4) * n_llm
-
-
 def _resume_points(resume: str, ckpt_root: Path) -> list[Path]:
     """Checkpoints to try, newest first: with 'auto' every complete one, else the one named (or none)."""
     if resume == "never":
@@ -596,23 +608,13 @@ RESUME_MUST_MATCH = ("data.path", "data.shards", "train.global_batch_size", "tra
 STREAM_MUST_MATCH = ("data.shuffle_buffer", "data.num_workers")
 
 
-@functools.lru_cache(maxsize=4)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def data_fingerprint(cfg: RunConfig) -> str:
-    """What the data *is*, not what it is called: the JSON's size + sha256 (~2 s per GB, once per run), or the
+    """What the data *is*, not what it is called: the JSON's size + sha256 (~0.5 s per GB, once per process), or the
     shard manifest's (which holds every shard's sha256)."""
     source = Path(cfg.data.shards) if cfg.data.shards else Path(cfg.data.path)
     if source.is_dir():
         source = source / "manifest.json"
-    stat = source.stat()
-    return f"{stat.st_size} bytes, sha256 {_file_digest(str(source), stat.st_size, stat.st_mtime_ns)}"
+    return f"{source.stat().st_size} bytes, sha256 {file_sha256(source)[:16]}"
 
 
 def _restore(path: Path, model, optimizer, scheduler, dataset, n_startup_skips: int, plan, cfg, rank: int,
