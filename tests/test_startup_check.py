@@ -97,6 +97,23 @@ def test_only_samples_the_bound_cannot_settle_are_tokenized(llama_tokenizer, tmp
     assert built.meta["problems"] == {}
 
 
+def test_forked_workers_give_what_one_process_gives(llama_tokenizer, tmp_path, monkeypatch):
+    """Large files are checked by forked processes (the slow tokenizer is the cost): same result, same order."""
+    records = [{"id": f"s{i}", "conversations": conv("What is it?", "It is red. " * (1 + i % 7), image=False)}
+               for i in range(60)]
+    records[5]["conversations"][1]["value"] = ""  # an empty reply
+    records[9]["id"] = "s3"  # a duplicate id
+    records[20]["conversations"][0]["value"] = "Describe the image. " * 80  # no supervised token within 300
+    s = settings(llama_tokenizer, 300)
+    serial = catalog.build([dict(r) for r in records], tmp_path, s)
+    monkeypatch.setattr(catalog, "PARALLEL_FROM", 10)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    forked = catalog.build([dict(r) for r in records], tmp_path, s)
+    assert forked.meta["problems"] == serial.meta["problems"] and len(serial.meta["problems"]) == 3
+    assert forked.state.tolist() == serial.state.tolist() and forked.approx.tolist() == serial.approx.tolist()
+    assert forked.blob.tobytes() == serial.blob.tobytes()
+
+
 @pytest.fixture
 def data(tmp_path, write_pngs):
     folder = tmp_path / "images"

@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import socket
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_CHECKS = ("header", "decode", "stat", "off")
 CALIBRATION = 256  # samples always tokenized, to check the token-count bound on this tokenizer
+PARALLEL_FROM = 5000  # records from which the text checks run in forked worker processes
 FORMAT = 1  # bump when the cached layout or the checks change
 OK, BAD, BAD_IMAGE = 0, 1, 2  # per-record state; BAD_IMAGE is re-checked on every start
 
@@ -120,82 +122,130 @@ def token_bound(text: str) -> int:
     return sum(len(c.encode("utf-8")) + 3 for c in chunks) + len(chunks) - 1
 
 
-def build(records: list, image_folder: Path, s: StartupSettings) -> Catalog:
+@dataclass
+class Checked:
+    """One record after the text checks (what a worker process sends back: no texts, a few numbers)."""
+
+    problem: BadSampleError | None = None
+    images: tuple[str, ...] = ()
+    approx: int = 0
+    control: bool = False  # holds control strings (kept under data.control_strings=keep)
+    tokenized: bool = False
+    above_bound: bool = False  # more tokens than token_bound: the bound does not hold for this tokenizer
+    truncate: bool = False  # longer than max_length; truncation keeps it
+
+
+_JOB: tuple | None = None  # (records, settings, exact) for forked workers: inherited, not pickled
+
+
+def check_record(i: int, exact: bool = False) -> Checked:
+    """Structure, control strings and the length policy of record `i` of the job's records."""
     from llava_sft.data.dataset import control_string_problem, fit_length, image_list  # dataset imports us
-    from llava_sft.data.tokenize import token_counts, tokenize_conversation
+    from llava_sft.data.tokenize import tokenize_conversation, tokenize_with_images
 
+    records, s = _JOB[0], _JOB[1]
+    record = records[i]
+    sample_id = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
+    out = Checked()
+    try:
+        if not isinstance(record, dict) or "conversations" not in record:
+            raise BadSampleError(sample_id, "not a record with 'conversations'")
+        names = image_list(record, sample_id)
+        segments = s.template.render(record["conversations"], num_images=len(names), sample_id=sample_id)
+        problem = control_string_problem(record["conversations"], s.template, s.tokenizer)
+        if problem and s.control_strings == "refuse":
+            raise BadSampleError(sample_id, problem)
+        out.control, out.images = bool(problem), tuple(names)
+        out.approx = (sum(len(t["value"].split()) for t in record["conversations"])
+                      + s.tokens_per_image * len(names))  # LLaVA's length estimate for batching by length
+        text, extra = "".join(seg.text for seg in segments), (s.tokens_per_image - 1) * len(names)
+        bound = token_bound(text)
+        if exact or i < CALIBRATION or bound + extra > s.max_length:  # the bound does not settle it: count
+            out.tokenized = True
+            length = len(tokenize_with_images(text, s.tokenizer))
+            out.above_bound = length > bound
+            if length + extra > s.max_length:  # over the limit: exactly what the loader will do with it
+                ids, labels = tokenize_conversation(record["conversations"], s.tokenizer, s.template,
+                                                    num_images=len(names), sample_id=sample_id)
+                fit_length(ids, labels, s.max_length, s.tokens_per_image, s.overlong, sample_id)
+                out.truncate = True
+    except BadSampleError as e:
+        out.problem = e
+    return out
+
+
+def _check_range(bounds: tuple[int, int]) -> list[Checked]:
+    return [check_record(i, _JOB[2]) for i in range(*bounds)]
+
+
+def _init_worker() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked fast tokenizer must not start its own threads
+
+
+def check_all(indices: list[int], exact: bool) -> dict[int, Checked]:
+    """check_record over `indices`, in forked processes (one per core, up to 32) when there are many: the slow
+    SentencePiece tokenizer of the recipes costs ~4 ms per sample it has to count."""
+    workers = min(32, os.cpu_count() or 1)
+    if len(indices) < PARALLEL_FROM or workers < 2 or "fork" not in mp.get_all_start_methods():
+        return {i: check_record(i, exact) for i in indices}
+    step = max(256, len(indices) // (workers * 8))
+    ranges = [(indices[k], indices[min(k + step, len(indices)) - 1] + 1) for k in range(0, len(indices), step)]
+    with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
+        results = pool.map(_check_range, ranges, chunksize=1)
+    wanted = set(indices)
+    return {i: r for (a, b), chunk in zip(ranges, results, strict=True) for i, r in zip(range(a, b), chunk, strict=True)
+            if i in wanted}
+
+
+def build(records: list, image_folder: Path, s: StartupSettings) -> Catalog:
+    global _JOB
     t0 = time.time()
-    problems: dict[int, BadSampleError] = {}
-    first_at, texts, images = {}, {}, {}
     n = len(records)
+    problems: dict[int, BadSampleError] = {}
+    first_at = {}
+    for i, record in enumerate(records):  # ids name samples in skip reports, errors and resume: must be unique
+        if isinstance(record, dict):
+            sample_id = str(record.setdefault("id", f"#{i}"))  # no id: named by its position in the file
+            if sample_id in first_at:
+                problems[i] = BadSampleError(record["id"], f"duplicate id (record #{i}; the first was record "
+                                                           f"#{first_at[sample_id]})")
+            first_at.setdefault(sample_id, i)
+    _JOB = (records, s, False)
+    try:
+        checked = check_all([i for i in range(n) if i not in problems], exact=False)
+        over = next((i for i in sorted(checked) if checked[i].above_bound), None)
+        if over is not None:  # the bound does not hold for this tokenizer (module docstring): count every sample
+            log.warning("the tokenizer gives more tokens than the start-up bound for sample %r: tokenizing every "
+                        "sample at start-up", records[over]["id"])
+            _JOB = (records, s, True)
+            checked.update(check_all([i for i in checked if not checked[i].tokenized], exact=True))
+    finally:
+        _JOB = None
+    t_text = time.time() - t0
     approx, n_images = np.zeros(n, np.int32), np.zeros(n, np.int16)
-    kept_with_control = 0
-    for i, record in enumerate(records):
-        sample_id = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
-        try:
-            if not isinstance(record, dict) or "conversations" not in record:
-                raise BadSampleError(sample_id, "not a record with 'conversations'")
-            record.setdefault("id", sample_id)  # samples without an id are named by their position in the file
-            if str(sample_id) in first_at:  # ids name samples in skip reports, errors and resume: must be unique
-                raise BadSampleError(sample_id, f"duplicate id (record #{i}; the first was record "
-                                                f"#{first_at[str(sample_id)]})")
-            first_at[str(sample_id)] = i
-            names = image_list(record, sample_id)
-            segments = s.template.render(record["conversations"], num_images=len(names), sample_id=sample_id)
-            problem = control_string_problem(record["conversations"], s.template, s.tokenizer)
-            if problem and s.control_strings == "refuse":
-                raise BadSampleError(sample_id, problem)
-            kept_with_control += bool(problem)
-            texts[i], images[i] = "".join(seg.text for seg in segments), names
-            n_images[i] = len(names)
-            approx[i] = (sum(len(t["value"].split()) for t in record["conversations"])
-                         + s.tokens_per_image * len(names))  # LLaVA's length estimate for batching by length
-        except BadSampleError as e:
-            problems[i] = e
-    t_structure = time.time() - t0
-
-    # length: the bound first, the tokenizer where the bound does not settle it (module docstring)
-    extra = {i: (s.tokens_per_image - 1) * len(images[i]) for i in texts}
-    order = list(texts)
-    calibration = order[:CALIBRATION]
-    lengths = dict(zip(calibration, token_counts([texts[i] for i in calibration], s.tokenizer), strict=True))
-    over = next((i for i in calibration if lengths[i] > token_bound(texts[i])), None)
-    if over is not None:
-        log.warning("the tokenizer gives more tokens than the start-up bound for sample %r (%d > %d): tokenizing "
-                    "every sample at start-up", records[over]["id"], lengths[over], token_bound(texts[over]))
-    rest = [i for i in order[CALIBRATION:] if over is not None or token_bound(texts[i]) + extra[i] > s.max_length]
-    lengths.update(zip(rest, token_counts([texts[i] for i in rest], s.tokenizer), strict=True))
-    will_truncate = 0
-    for i in (i for i in lengths if lengths[i] + extra[i] > s.max_length):
-        sample_id = records[i]["id"]
-        try:  # over the limit: exactly what the loader will do with it
-            ids, labels = tokenize_conversation(records[i]["conversations"], s.tokenizer, s.template,
-                                                num_images=len(images[i]), sample_id=sample_id)
-            fit_length(ids, labels, s.max_length, s.tokens_per_image, s.overlong, sample_id)
-            will_truncate += 1
-        except BadSampleError as e:
-            problems[i] = e
-    exact_all, tokenized = over is not None, len(lengths)
-    t_length = time.time() - t0 - t_structure
-
+    for i, c in checked.items():
+        approx[i], n_images[i] = c.approx, len(c.images)
+        if c.problem is not None:
+            problems[i] = c.problem
     state = np.full(n, OK, np.int8)
     for i in problems:
         state[i] = BAD
-    image_problems = check_images({i: images[i] for i in texts if i not in problems}, image_folder, s.check_images,
-                                  records)
+    image_problems = check_images({i: list(c.images) for i, c in checked.items() if i not in problems},
+                                  image_folder, s.check_images, records)
     for i, e in image_problems.items():
         problems[i], state[i] = e, BAD_IMAGE
-    t_images = time.time() - t0 - t_structure - t_length
+    t_images = time.time() - t0 - t_text
 
     blobs = [json.dumps(r, ensure_ascii=False).encode("utf-8") if isinstance(r, dict) else b"{}" for r in records]
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
     blob = np.frombuffer(b"".join(blobs), dtype=np.uint8)
     meta = {"problems": {str(i): [str(e.sample_id), e.reason] for i, e in problems.items()},
-            "kept_with_control_strings": kept_with_control, "will_truncate": will_truncate,
-            "tokenized_at_start": tokenized, "tokenized_every_sample": exact_all,
-            "seconds": {"structure": round(t_structure, 2), "length": round(t_length, 2),
-                        "images": round(t_images, 2)}}
+            "kept_with_control_strings": sum(c.control for i, c in checked.items() if i not in problems),
+            "will_truncate": sum(c.truncate for c in checked.values() if c.problem is None),
+            "tokenized_at_start": sum(c.tokenized for c in checked.values()), "tokenized_every_sample": over is not None,
+            "seconds": {"text_and_length": round(t_text, 2), "images": round(t_images, 2),
+                        "store": round(time.time() - t0 - t_text - t_images, 2)}}
     return Catalog(blob, offsets, approx, n_images, state, meta)
 
 

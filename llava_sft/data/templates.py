@@ -28,6 +28,9 @@ class BadSampleError(ValueError):
         self.reason = reason
         super().__init__(f"sample {sample_id!r}: {reason}")
 
+    def __reduce__(self):  # picklable (start-up check workers send it back): rebuilt from its two fields
+        return type(self), (self.sample_id, self.reason)
+
 
 @dataclass(frozen=True)
 class Segment:
