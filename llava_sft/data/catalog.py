@@ -350,6 +350,10 @@ def prepare(json_path, image_folder, s: StartupSettings, cache_dir: str | None =
             except BlockingIOError:
                 log.info("waiting for another process to finish the start-up check of %s (%s)", json_path, root)
                 fcntl.flock(lock_file, fcntl.LOCK_EX)
+            except OSError as e:  # a file system without locks (some NFS mounts): no sharing, no race either
+                log.warning("start-up cache %s cannot be locked (%s): every process checks the data itself; set "
+                            "data.cache_dir to a local directory to check once per node", root, e)
+                return _fresh(json_path, image_folder, s, read)
             try:
                 if not (target / "DONE").is_file():
                     catalog = _fresh(json_path, image_folder, s, read)
