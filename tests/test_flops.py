@@ -17,24 +17,16 @@ from llava_sft.data.packing import PackingCollator
 from llava_sft.model.llava import LlavaModel, ModelConfig
 from llava_sft.model.lora import LoraSettings
 from llava_sft.train.flops import FlopModel, sequence_lengths
-from tests.tiny import TINY_LLAMA, model_dict
+from tests.tiny import TINY_LLAMA, model_dict, sample_dict
 
 VOCAB = 512
 
 
-def sample(ids, n_images, prompt_len, seed):
-    ids = torch.tensor(ids)
-    labels = ids.clone()
-    labels[:prompt_len] = IGNORE_INDEX
-    labels[ids == IMAGE_TOKEN_INDEX] = IGNORE_INDEX
-    g = torch.Generator().manual_seed(seed)
-    return {"id": str(seed), "input_ids": ids, "labels": labels, "truncated": False,
-            "images": torch.randn(n_images, 3, 32, 32, generator=g)}
 
 
-SAMPLES = [sample([1, IMAGE_TOKEN_INDEX, 20, 21, 22, 30, 31, 2], 1, 5, 0),
-           sample([1, 40, 41, 42, 43, 50, 51, 52, 53, 2] * 3, 0, 6, 1),
-           sample([1, IMAGE_TOKEN_INDEX, 60, IMAGE_TOKEN_INDEX, 61, 62, 70, 2], 2, 6, 2)]
+SAMPLES = [sample_dict([1, IMAGE_TOKEN_INDEX, 20, 21, 22, 30, 31, 2], 1, 5, 0),
+           sample_dict([1, 40, 41, 42, 43, 50, 51, 52, 53, 2] * 3, 0, 6, 1),
+           sample_dict([1, IMAGE_TOKEN_INDEX, 60, IMAGE_TOKEN_INDEX, 61, 62, 70, 2], 2, 6, 2)]
 
 
 def model_for(tmp_path, tokenizer_dir, stage: int, lora: bool = False) -> LlavaModel:

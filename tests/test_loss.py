@@ -18,7 +18,7 @@ from llava_sft.data.packing import PackingCollator
 from llava_sft.model import loss as loss_module
 from llava_sft.model.llava import LlavaModel, ModelConfig
 from llava_sft.model.lora import LoraSettings
-from tests.tiny import TINY_LLAMA, model_dict
+from tests.tiny import TINY_LLAMA, model_dict, sample_dict
 
 VOCAB = 512
 
@@ -30,22 +30,13 @@ def tiny_model(tokenizer_dir, seed=0, **llm) -> LlavaModel:
     return LlavaModel(cfg)
 
 
-def sample(ids, n_images, prompt_len, seed):
-    """A sample dict as the dataset gives it: labels masked over the first `prompt_len` ids."""
-    ids = torch.tensor(ids)
-    labels = ids.clone()
-    labels[:prompt_len] = IGNORE_INDEX
-    labels[ids == IMAGE_TOKEN_INDEX] = IGNORE_INDEX
-    g = torch.Generator().manual_seed(seed)
-    return {"id": str(seed), "input_ids": ids, "labels": labels, "images": torch.randn(n_images, 3, 32, 32, generator=g),
-            "truncated": False}
 
 
 def samples():
-    return [sample([1, IMAGE_TOKEN_INDEX, 20, 21, 22, 30, 31, 2], 1, 5, 0),  # one image
-            sample([1, 40, 41, 42, 43, 50, 51, 52, 53, 2], 0, 6, 1),  # text only
-            sample([1, IMAGE_TOKEN_INDEX, 60, IMAGE_TOKEN_INDEX, 61, 62, 70, 2], 2, 6, 2),  # two images
-            sample([1, IMAGE_TOKEN_INDEX, 80, 81, 90, 91, 92, 93, 94, 2], 1, 4, 3)]
+    return [sample_dict([1, IMAGE_TOKEN_INDEX, 20, 21, 22, 30, 31, 2], 1, 5, 0),  # one image
+            sample_dict([1, 40, 41, 42, 43, 50, 51, 52, 53, 2], 0, 6, 1),  # text only
+            sample_dict([1, IMAGE_TOKEN_INDEX, 60, IMAGE_TOKEN_INDEX, 61, 62, 70, 2], 2, 6, 2),  # two images
+            sample_dict([1, IMAGE_TOKEN_INDEX, 80, 81, 90, 91, 92, 93, 94, 2], 1, 4, 3)]
 
 
 def padded(items):

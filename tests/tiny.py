@@ -60,3 +60,19 @@ def forward_passes(cfg: RunConfig, world: int, steps: int) -> list[list[int]]:
             per_rank.append(len(collate([dataset[i] for i in share])))
         counts.append(per_rank)
     return counts
+
+
+def sample_dict(ids: list[int], n_images: int, prompt_len: int, seed: int, image_size: int = 32) -> dict:
+    """A sample as the dataset gives it (ids with IMAGE_TOKEN_INDEX placeholders, labels masked over the first
+    `prompt_len` ids and the placeholders, `n_images` random images of the test ViT's size)."""
+    import torch
+
+    from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+    ids = torch.tensor(ids)
+    labels = ids.clone()
+    labels[:prompt_len] = IGNORE_INDEX
+    labels[ids == IMAGE_TOKEN_INDEX] = IGNORE_INDEX
+    g = torch.Generator().manual_seed(seed)
+    return {"id": str(seed), "input_ids": ids, "labels": labels, "truncated": False,
+            "images": torch.randn(n_images, 3, image_size, image_size, generator=g)}
