@@ -6,6 +6,8 @@ written to tmp_path, with the Vicuna-like slow Llama tokenizer and the vicuna_v1
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import pytest
 import torch
@@ -128,13 +130,16 @@ def write_broken(tmp_path, write_pngs, kind) -> None:
         content = b"this is not a PNG at all" * 10
     elif kind == "empty":
         content = b""
+    elif kind == "bomb":  # a PNG header declaring 20000 x 20000 pixels: over twice PIL's limit, refused at open
+        ihdr = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+        content = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
     else:  # a real PNG cut in the middle of its pixel data: the header is intact
         data = write_pngs(tmp_path / "src", ["big.png"], size=(64, 64))[0].read_bytes()
         content = data[: len(data) // 2]
     (folder / "broken.png").write_bytes(content)
 
 
-@pytest.mark.parametrize("kind", ["garbage", "empty", "truncated_png"])
+@pytest.mark.parametrize("kind", ["garbage", "empty", "bomb", "truncated_png"])
 def test_corrupt_image_found_at_startup(make_dataset, tmp_path, write_pngs, kind):
     """The default header check finds files that are no image at all; `decode` also finds truncated ones."""
     write_broken(tmp_path, write_pngs, kind)
