@@ -143,3 +143,15 @@ def test_training_logs_mfu_and_hfu_per_step(llama_tokenizer_dir, tmp_path):
     for row in rows:
         assert 0 < row["mfu"] < row["hfu"]  # checkpointing recomputes: hardware does more than the model needs
         assert "model_flops" not in row
+
+
+def test_peak_flops_come_from_the_gpu_table_or_the_config(monkeypatch):
+    from llava_sft.train.flops import peak_flops
+
+    cuda = torch.device("cuda")
+    for name, peak in (("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+                       ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("Tesla V100-SXM2-32GB", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(None, cuda) == peak, name
+    assert peak_flops(123e12, cuda) == 123e12  # train.flops_per_second_peak wins
+    assert peak_flops(None, torch.device("cpu")) is None  # no table for CPUs: not logged
