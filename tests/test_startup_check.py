@@ -24,7 +24,7 @@ from llava_sft.data import catalog
 from llava_sft.data.dataset import LlavaJsonDataset
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import BadSampleError, get_template
-from llava_sft.data.tokenize import token_counts, tokenize_conversation, tokenize_with_images
+from llava_sft.data.tokenize import tokenize_conversation, tokenize_with_images
 from tests.tiny import run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,12 +48,6 @@ def test_token_bound_holds_for_the_tokenizer_families(request, name):
     tokenizer = request.getfixturevalue(name)
     for text in TEXTS:
         assert len(tokenize_with_images(text, tokenizer)) <= catalog.token_bound(text), text
-
-
-@pytest.mark.parametrize("name", ["llama_tokenizer", "llama3_tokenizer", "chatml_tokenizer"])
-def test_batched_token_counts_equal_the_loaders_tokenization(request, name):
-    tokenizer = request.getfixturevalue(name)
-    assert token_counts(TEXTS, tokenizer, batch=5) == [len(tokenize_with_images(t, tokenizer)) for t in TEXTS]
 
 
 def expanding_tokenizer(tmp_path) -> PreTrainedTokenizerFast:

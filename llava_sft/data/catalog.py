@@ -18,7 +18,8 @@ each token of a byte-level BPE or a byte-fallback SentencePiece model covers at 
 bound fits max_length therefore fit; only the others are tokenized, and only those over the limit go through the
 full masking tokenization and `fit_length`, exactly as the loader will. The bound is checked, not trusted: the
 first CALIBRATION samples are tokenized too, and a tokenizer that ever exceeds it (a normaliser that expands text)
-makes the pass tokenize every sample, saying so.
+makes the pass tokenize every sample, saying so. From PARALLEL_FROM records on, these text checks run in forked
+processes, one per core (the recipes' slow SentencePiece tokenizer costs ~4 ms per sample it counts).
 
 Sharing: the records are stored as one buffer of JSON bytes plus offsets (numpy), memory-mapped from the cache.
 A Python list of dicts is copied page by page into every forked DataLoader worker as reference counts are touched

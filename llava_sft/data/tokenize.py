@@ -34,25 +34,6 @@ def tokenize_with_images(text: str, tokenizer) -> list[int]:
     return ids
 
 
-def token_counts(texts: list[str], tokenizer, batch: int = 1024) -> list[int]:
-    """len(tokenize_with_images(t, tokenizer)) for each text, with one tokenizer call per `batch` chunks (a fast
-    tokenizer encodes a batch on all cores, without a Python call per text). Same encoding call, so exact."""
-    chunks = [text.split(IMAGE_PLACEHOLDER) for text in texts]
-    flat = [c for group in chunks for c in group]
-    lengths, firsts = [], []
-    for start in range(0, len(flat), batch):
-        encoded = tokenizer(flat[start:start + batch], add_special_tokens=True, truncation=False,
-                            verbose=False)["input_ids"]
-        lengths += [len(ids) for ids in encoded]
-        firsts += [ids[:1] for ids in encoded]
-    bos, counts, at = tokenizer.bos_token_id, [], 0
-    for group in chunks:
-        offset = 1 if bos is not None and firsts[at] == [bos] else 0  # later chunks lose their BOS (above)
-        counts.append(lengths[at] + sum(1 + max(0, lengths[at + k] - offset) for k in range(1, len(group))))
-        at += len(group)
-    return counts
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
 
