@@ -349,8 +349,9 @@ def _train(cfg: RunConfig, preemption: "PreemptionNotice") -> Path:
         raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
     check_master_weights(model, ds is not None)
     # FLOPs per micro-batch from its real shapes (train/flops.py), for `mfu` / `hfu` when the peak is known
-    flop_model = FlopModel.of(model, t_cfg.gradient_checkpointing, reentrant=ds is not None and ds.stage == 3)
     peak = peak_flops(t_cfg.flops_per_second_peak, device)
+    flop_model = (FlopModel.of(model, t_cfg.gradient_checkpointing, reentrant=ds is not None and ds.stage == 3)
+                  if peak else None)  # without a peak nothing is logged: no counting per step
     groups = param_groups(model, t_cfg.weight_decay, t_cfg.lr, t_cfg.projector_lr)
     schedule = lr_lambda(total_steps, t_cfg.warmup_ratio, t_cfg.lr_schedule)
     ddp = None
