@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec timeout 600 python benchmarks/gpu_check.py --json "${1:-gpu_check.json}"
+exec timeout 600 "${PYTHON:-python3}" benchmarks/gpu_check.py --json "${1:-gpu_check.json}"

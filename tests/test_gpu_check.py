@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh waits for the day a GPU is lent; its code path runs here at tiny shapes on the CPU
 (`--smoke`), so that the day comes with a script that works: the packed == unpacked comparison, a Stage-2 step
-through the real trainer from an LLM directory, and the packing benchmark, with one JSON of results."""
+through the real trainer from an LLM directory, the packing benchmark and the same step without checkpointing, with one JSON of results."""
 from __future__ import annotations
 
 import json
@@ -24,4 +24,5 @@ def test_gpu_check_script_runs_end_to_end_at_tiny_shapes(tmp_path):
     step = result["stage2_step"]
     assert step["ok"] and step["peak_mem_gb"] > 0 and step["tokens_per_s"] > 0
     assert result["packing_throughput"]["ok"] and result["packing_throughput"]["ratio"] > 0
+    assert result["checkpointing_memory"]["ok"] and result["checkpointing_memory"]["peak_mem_gb_off"] > 0
     assert "gpu_check.py" in (REPO / "benchmarks" / "gpu_check.sh").read_text()
