@@ -64,7 +64,7 @@ def make_data(out: Path, n: int, text_only: float, seed: int) -> Path:
         rounds = [(rng.choice(lines), " ".join(rng.choice(lines) for _ in range(rng.randint(1, 4))))
                   for _ in range(rng.randint(2, 4))]
         conv = []
-        for k, (q, a) in enumerate(rounds):
+        for q, a in rounds:
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         record = {"id": f"s{i}", "conversations": conv}
         if rng.random() >= text_only:

@@ -3,7 +3,7 @@
     python benchmarks/overhead.py                  # tiny Stage-2 model, 10 timed steps each, interleaved
     python benchmarks/overhead.py --steps 20 --json overhead.json
 
-Ours: `trainer._train_step` (splice_images, the supervised-only LM head and chunked loss, global-token
+Ours: `trainer.train_step` (splice_images, the supervised-only LM head and chunked loss, global-token
 normalisation, non-finite guard, gradient clipping, AdamW, LR schedule, skip report). Plain: what a minimal
 LLaVA loop does -- vision tower -> projector -> per-sample torch.cat of text embeddings and image features, right
 padding -> `LlamaForCausalLM(inputs_embeds=..., labels=...)` (HF's own shift and mean cross-entropy over all
@@ -32,7 +32,7 @@ from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from llava_sft.data.dataset import SkipReport  # noqa: E402
 from llava_sft.model.llava import LlavaModel, LLMConfig, ModelConfig  # noqa: E402
 from llava_sft.model.vision import VisionConfig  # noqa: E402
-from llava_sft.train.trainer import _train_step, param_groups  # noqa: E402
+from llava_sft.train.trainer import DDPEngine, param_groups, train_step  # noqa: E402
 
 
 def make_micro(micro: int, seq_text: int, vocab: int, image_size: int, seed: int) -> dict:
@@ -108,6 +108,7 @@ def main() -> None:
     t_cfg = TrainConfig(lr=1e-5, grad_clip=1.0)
     ours_opt = torch.optim.AdamW(param_groups(ours_model, 0.0, 1e-5), lr=1e-5)
     ours_sched = torch.optim.lr_scheduler.LambdaLR(ours_opt, lambda step: 1.0)
+    ours_engine = DDPEngine.local(ours_model, ours_opt, ours_sched, t_cfg)
     plain_opt = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=1e-5)
     size = ours_model.vision_tower.image_size
     ours_s, plain_s, plain_times = [], [], {"inputs": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
@@ -115,7 +116,7 @@ def main() -> None:
     for step in range(args.steps + 1):  # step 0 warms both up
         micro = [make_micro(args.micro, args.seq_text, args.vocab, size, seed=step * 100 + k) for k in range(args.accum)]
         t0 = time.perf_counter()
-        _train_step(ours_model, None, micro, ours_opt, ours_sched, t_cfg, 1, torch.device("cpu"), False, report)
+        train_step(ours_engine, micro, torch.device("cpu"), False, report)
         t1 = time.perf_counter()
         plain_step(plain_model, plain_opt, micro, t_cfg.grad_clip, plain_times if step else dict(plain_times))
         t2 = time.perf_counter()
@@ -136,7 +137,7 @@ def main() -> None:
 
 def profile_ours(model: LlavaModel, args, size: int) -> dict:
     """Our step's parts, timed the same way as the plain path's: input assembly (tower, projector, splice), forward +
-    backward (decoder, LM head, loss), and the rest of `_train_step` (bookkeeping, guard, clip, AdamW)."""
+    backward (decoder, LM head, loss), and the rest of `train_step` (bookkeeping, guard, clip, AdamW)."""
     from llava_sft.model.loss import loss_sum
     from llava_sft.model.packed_attention import llm_inputs
 

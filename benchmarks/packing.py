@@ -119,7 +119,7 @@ def fractions(profile, args, image_tokens: int) -> dict:
 
     real = pad_slots = pack_slots = passes = 0
     largest = {"padded": 0, "packed": 0}
-    for micro, shares in zip(padded, packed):
+    for micro, shares in zip(padded, packed, strict=True):
         for mb in micro:
             real += sum(lengths[i] for i in mb)
             width = max(lengths[i] for i in mb)
@@ -142,7 +142,7 @@ def fractions(profile, args, image_tokens: int) -> dict:
 
 # ----------------------------------------------------------------------------------------- throughput
 def build_model(args):
-    from llava_sft.model.llava import LLMConfig, LlavaModel, ModelConfig
+    from llava_sft.model.llava import LlavaModel, LLMConfig, ModelConfig
     from llava_sft.model.vision import VisionConfig
 
     vision = (VisionConfig(model="tiny-vit", pretrained=None, model_config_file="configs/demo/tiny-vit.json")
@@ -159,7 +159,7 @@ def build_model(args):
 
 
 def throughput(profile, args) -> dict:
-    from llava_sft.train.trainer import accumulate_gradients
+    from llava_sft.train.trainer import DDPEngine, accumulate_gradients
 
     device = torch.device(args.device)
     model = build_model(args)
@@ -187,7 +187,7 @@ def throughput(profile, args) -> dict:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                accumulate_gradients(model, None, micro, 1, device, use_autocast=device.type == "cuda")
+                accumulate_gradients(DDPEngine.local(model), micro, device, use_autocast=device.type == "cuda")
             model.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()

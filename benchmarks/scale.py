@@ -1,4 +1,5 @@
-"""Peak memory and step time of Stage 2 per scale-out configuration: full / LoRA / QLoRA x DDP / ZeRO-2 / ZeRO-3.
+"""Peak memory and step time of Stage 2 per scale-out configuration: full / LoRA / QLoRA x DDP / ZeRO-2 / ZeRO-3 /
+FSDP2.
 
     python benchmarks/scale.py                         # small shape, 2 CPU processes (gloo): what a CPU machine runs
     python benchmarks/scale.py --shape 7b --nproc 8 --device cuda --micro 4 --seq 2048   # 7B-shaped, random weights
@@ -21,8 +22,10 @@ double-quantised scales), and per trainable parameter weights + gradients + Adam
 bytes, + 4 for DeepSpeed's fp32 partition copy; bf16 mixed precision: 2 + 2 + 4 master + 8), partitioned over N ranks as each stage does: ZeRO-2 the optimizer states and gradients,
 ZeRO-3 also the weights; the frozen vision tower is whole on every rank. Not counted: DeepSpeed's
 communication buckets (reduce_bucket_size, prefetch) and ZeRO-3's persistent small parameters. Activations are not included: they depend on
-micro-batch, sequence length and gradient checkpointing. QLoRA runs under ZeRO-2 or DDP only (ZeRO-3
-cannot partition a 4-bit base; the trainer refuses it).
+micro-batch, sequence length and gradient checkpointing. QLoRA runs under ZeRO-2 or DDP only (ZeRO-3 and FSDP2
+cannot partition a 4-bit base; the trainer refuses it). FSDP2 (train.engine=fsdp2) upcasts every LLM and projector
+weight to fp32 and shards it with its gradient and AdamW moments: 4 bytes per frozen and 16 per trainable
+parameter, over N ranks.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ SHAPES = {  # LLM (Llama architecture) and vision tower of each named shape
                    "vocab_size": 32000},  # Vicuna-7B / Llama-2-7B
            "vision": {"model": "ViT-L-14-336"}, "lora_r": 128},
 }
-ENGINES = {"ddp": None, "zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json"}
+ENGINES = {"ddp": None, "zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json",
+           "fsdp2": None}  # engine -> its DeepSpeed JSON
 METHODS = ("full", "lora", "qlora")
 
 
@@ -122,7 +126,8 @@ def run_config(args, work: Path, method: str, engine: str) -> dict:
         "data": {"path": str(args.data / "data.json"), "image_folder": str(args.data / "images"),
                  "template": "vicuna_v1", "max_length": 4096, "num_workers": 1},
         "train": {"train_projector": True, "train_llm": True, "output_dir": str(work / "runs" / f"{method}-{engine}"),
-                  "deepspeed": ENGINES[engine], "global_batch_size": args.micro * args.nproc * args.accum,
+                  "deepspeed": ENGINES[engine], "engine": "fsdp2" if engine == "fsdp2" else "auto",
+                  "global_batch_size": args.micro * args.nproc * args.accum,
                   "micro_batch_size": args.micro, "max_steps": args.steps + 1, "lr": 2e-4 if lora else 2e-5,
                   "projector_lr": 2e-5, "warmup_ratio": 0.0, "bf16": args.device == "cuda",
                   "gradient_checkpointing": args.gradient_checkpointing, "save_every": 0, "log_every": 1, "profile_memory": args.device == "cpu",
@@ -213,11 +218,12 @@ def main() -> None:
     port = 29900
     for method in methods:
         for engine in engines:
-            states = predicted_states_gb(method, engine, args.nproc, shape["llm"], vision_params, projector_params,
-                                         shape["lora_r"], args.device == "cuda")
+            states = 0.0 if method == "qlora" and engine == "fsdp2" else predicted_states_gb(
+                method, engine, args.nproc, shape["llm"], vision_params, projector_params, shape["lora_r"],
+                args.device == "cuda")
             row = {"method": method, "engine": engine, "states_gb": round(states, 3)}
-            if method == "qlora" and engine == "zero3":
-                row["error"] = "refused: ZeRO-3 cannot partition a 4-bit base"
+            if method == "qlora" and engine in ("zero3", "fsdp2"):
+                row["error"] = f"refused: {engine} cannot shard a 4-bit base"
             elif not args.predict_only:
                 port += 1
                 row.update(measure(args, work, method, engine, port))

@@ -16,9 +16,9 @@ import time
 import torch
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava_sft.model.llava import LLMConfig, LlavaModel, ModelConfig
+from llava_sft.model.llava import LlavaModel, LLMConfig, ModelConfig
 from llava_sft.model.vision import VisionConfig
-from llava_sft.train.trainer import accumulate_gradients, param_groups, peak_memory_gb
+from llava_sft.train.trainer import DDPEngine, accumulate_gradients, param_groups, peak_memory_gb
 
 
 def make_batch(micro: int, seq_text: int, vocab: int, image_size: int) -> dict:
@@ -69,7 +69,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            row = accumulate_gradients(model, None, micro, 1, device, use_autocast=device.type == "cuda")
+            row = accumulate_gradients(DDPEngine.local(model), micro, device, use_autocast=device.type == "cuda")
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":

@@ -218,10 +218,10 @@ def check_dataset(root: Path, name: str, sample: int | None = None, workers: int
             continue
         check = [x for x in images if x in chosen]
         exists = _map(os.path.exists, [str(image_root / x) for x in check], workers) if present else []
-        missing = [x for x, ok in zip(check, exists) if not ok] if present else check
+        missing = [x for x, ok in zip(check, exists, strict=True) if not ok] if present else check
         alts = _map(_other_extension, [str(image_root / x) for x in missing], workers) if present else []
         other = Counter(e for e in alts if e)
-        named = sorted({os.path.splitext(x)[1] for x, e in zip(missing, alts) if e})
+        named = sorted({os.path.splitext(x)[1] for x, e in zip(missing, alts, strict=False) if e})
         examples = [_join(spec["image_folder"], x) for x in missing[:EXAMPLES]]
         info.update(checked=len(check), missing=len(missing), other_extension=dict(other))
         totals.update(images=len(images), checked=len(check), missing=len(missing))

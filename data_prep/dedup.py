@@ -61,7 +61,7 @@ def find_duplicates(records: Iterable[dict], threshold: float = 0.8) -> dict[int
     out: dict[int, tuple[str, int]] = {}
     first: dict[tuple[str, str], int] = {}
     unique = []
-    for i, (g, t) in enumerate(zip(groups, texts)):
+    for i, (g, t) in enumerate(zip(groups, texts, strict=True)):
         if (g, t) in first:
             out[i] = ("exact", first[(g, t)])
         else:

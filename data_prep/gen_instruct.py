@@ -51,8 +51,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.dedup import find_duplicates
-from data_prep.instruct_prompts import KINDS, PROMPTS_DIR, PromptSet, Rejected, load_prompt_sets, parse_reply, \
-    prompt_preview, to_record
+from data_prep.instruct_prompts import (
+    KINDS,
+    PROMPTS_DIR,
+    PromptSet,
+    Rejected,
+    load_prompt_sets,
+    parse_reply,
+    prompt_preview,
+    to_record,
+)
 from data_prep.llm_backends import add_backend_args, make_backend
 from data_prep.symbolic import Contexts, ImageContext, load_coco, load_simple
 
@@ -243,7 +251,7 @@ def format_report(report: dict) -> str:
         rows.append((kind, k["requested"], k["cached_before"], k["new_requests"], k["accepted"],
                      sum(k["rejected"].values()), k["duplicates"]["exact"], k["duplicates"]["near"], k["in_output"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     reasons = Counter()
     for k in report["kinds"].values():

@@ -152,7 +152,7 @@ def parse_reply(ps: PromptSet, reply: str) -> list[tuple[str, str]]:
     if reply[:marks[0].start()].strip():
         raise Rejected("text before the first question")
     parts = [(m.group(1).lower(), reply[m.end():nxt].strip())
-             for m, nxt in zip(marks, [m.start() for m in marks[1:]] + [len(reply)])]
+             for m, nxt in zip(marks, [m.start() for m in marks[1:]] + [len(reply)], strict=True)]
     pairs, seen = [], set()
     for i in range(0, len(parts), 2):
         (role_q, question), (role_a, answer) = parts[i], parts[i + 1] if i + 1 < len(parts) else ("", "")

@@ -108,7 +108,7 @@ def sample_layout(rng: random.Random, image_size: int) -> list[Shape]:
     n = rng.randint(1, 3)
     cells = sorted(rng.sample(range(9), n))
     pairs = rng.sample(PAIRS, n)
-    return [place(rng, image_size, cell, c, s) for cell, (c, s) in zip(cells, pairs)]
+    return [place(rng, image_size, cell, c, s) for cell, (c, s) in zip(cells, pairs, strict=True)]
 
 
 def render(shapes: list[Shape], image_size: int) -> Image.Image:

@@ -192,7 +192,7 @@ def check_records(records: list, folder: Path, threads: int, verify: bool) -> tu
 
     unique = sorted({name for _, _, _, names in parsed for name in names})
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        status = dict(zip(unique, pool.map(lambda n: _check_image(folder, n, verify), unique, chunksize=256)))
+        status = dict(zip(unique, pool.map(lambda n: _check_image(folder, n, verify), unique, chunksize=256), strict=True))
 
     items = []
     for i, sample_id, record, names in parsed:
@@ -332,7 +332,7 @@ def convert(data: str | Path, image_folder: str | Path, out: str | Path, samples
 
     entries: dict[str, dict] = {}
     jobs = []
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         fp = fingerprint(shard)
         done = _completed(out, name, fp)
         if done is not None:

@@ -178,7 +178,7 @@ def format_report(report: dict, out: Path) -> str:
         rows.append((name, s["records"], s["selected"], f"{s['selected'] / max(1, report['total']):.1%}",
                      f"{s['ratio']:g}", s["text_only"], (s["format"] or "")[:40]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(v).ljust(w) if i in (0, 6) else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(str(v).ljust(w) if i in (0, 6) else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     repeated = {n: s["repeated"] for n, s in report["sources"].items() if s["repeated"]}
     if repeated:

@@ -78,8 +78,13 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # "auto", "cpu", "cuda"
     # DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json): ZeRO-2/3 as the distributed
-    # engine, launched with torchrun like DDP; null = plain DDP / single process. See train/engine.py.
+    # engine, launched with torchrun like DDP; null = no DeepSpeed. See train/engines/deepspeed.py.
     deepspeed: str | None = None
+    # the distributed engine (train/engines/): "ddp" (one process or DistributedDataParallel), "deepspeed" (ZeRO,
+    # the JSON in train.deepspeed), "fsdp2" (torch fully_shard); "auto": deepspeed when train.deepspeed is set
+    engine: str = "auto"
+    fsdp_shard_size: int = 0  # fsdp2: shard within groups of this many ranks, replicate across them (HSDP); 0 = all
+    compile: bool = False  # torch.compile each decoder layer (ddp, fsdp2)
     save_every: int = 0  # periodic checkpoint every N optimizer steps (0 = by steps never; see save_every_minutes)
     # and a periodic checkpoint whenever this many minutes passed since the last one (0 = off): a job killed
     # without warning loses at most this much; SIGTERM / SIGUSR1 (pre-emption notice) save at the next step
@@ -151,6 +156,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfi
 # surface minutes later, after a 7B model had loaded, or never (train.device=gpu trained on the CPU).
 CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
+    "train.engine": ("auto", "ddp", "deepspeed", "fsdp2"),
     "train.lr_schedule": ("cosine", "constant"),
     "data.overlong": ("truncate", "drop"),
     "data.bad_samples": ("error", "skip"),
@@ -168,7 +174,7 @@ RANGES = {
     "train.warmup_ratio": (0, False), "train.grad_clip": (0, False), "train.weight_decay": (0, False),
     "train.save_every": (0, False), "train.save_every_minutes": (0, False), "train.keep_last": (1, False),
     "train.log_every": (1, False), "data.max_length": (2, False), "data.num_workers": (0, False),
-    "data.shuffle_buffer": (0, False), "data.pack_max_tokens": (2, False),
+    "data.shuffle_buffer": (0, False), "data.pack_max_tokens": (2, False), "train.fsdp_shard_size": (0, False),
 }
 
 
@@ -196,6 +202,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             errors.append(f"{key}={value!r} must be {'>' if exclusive else '>='} {low}")
     if not cfg.train.warmup_ratio < 1:
         errors.append(f"train.warmup_ratio={cfg.train.warmup_ratio!r} must be < 1")
+    errors += _engine_errors(cfg.train, bool(cfg.model.lora and cfg.model.lora.quantize))
     errors += _registry_errors(cfg)
     if errors:
         raise ConfigError("invalid config values:\n  " + "\n  ".join(errors))
@@ -225,6 +232,25 @@ def check_paths(cfg: RunConfig) -> None:
     missing = [f"{key}={value} does not exist" for key, value in wanted if not Path(value).expanduser().exists()]
     if missing:
         raise MissingPathError("; ".join(missing))
+
+
+def _engine_errors(train: TrainConfig, quantized: bool) -> list[str]:
+    """Combinations of engine settings that cannot mean what they say."""
+    errors = []
+    if train.engine == "deepspeed" and not train.deepspeed:
+        errors.append("train.engine=deepspeed needs train.deepspeed (a JSON, e.g. configs/deepspeed/zero3.json)")
+    if train.engine in ("ddp", "fsdp2") and train.deepspeed:
+        errors.append(f"train.engine={train.engine} but train.deepspeed={train.deepspeed!r} is set: remove one "
+                      f"(train.deepspeed=null, or train.engine=deepspeed)")
+    if train.engine == "fsdp2" and quantized:
+        errors.append("train.engine=fsdp2 cannot shard QLoRA's 4-bit weights: use train.engine=ddp or "
+                      "train.deepspeed=configs/deepspeed/zero2.json")
+    if train.fsdp_shard_size and train.engine != "fsdp2":
+        errors.append(f"train.fsdp_shard_size={train.fsdp_shard_size} applies to train.engine=fsdp2 only")
+    if train.compile and (train.engine == "deepspeed" or train.engine == "auto" and train.deepspeed):
+        errors.append("train.compile=true is for train.engine=ddp or fsdp2 (DeepSpeed's hooks and torch.compile "
+                      "are not tested together here)")
+    return errors
 
 
 def _registry_errors(cfg: RunConfig) -> list[str]:

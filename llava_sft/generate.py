@@ -57,7 +57,7 @@ class Answerer:
     @torch.no_grad()
     def answer(self, questions: list[str], images: list[Image.Image | None], max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float | None = None, seed: int | None = None) -> list[str]:
-        prompts = [self.prompt_for(q, img is not None) for q, img in zip(questions, images)]
+        prompts = [self.prompt_for(q, img is not None) for q, img in zip(questions, images, strict=True)]
         token_lists = [tokenize_prompt(p, self.tokenizer) for p in prompts]
         length = max(len(t) for t in token_lists)
         pad = self.tokenizer.pad_token_id

@@ -27,7 +27,7 @@ from llava_sft.model.llava import load_tokenizer
 def render_supervision(ids: list[int], labels: list[int], tokenizer) -> str:
     """Text of a sample with supervised runs wrapped in [[...]] and images shown as <image>."""
     out = []
-    for supervised, run in groupby(zip(ids, labels), key=lambda p: p[1] != IGNORE_INDEX):
+    for supervised, run in groupby(zip(ids, labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX):
         tokens = [t for t, _ in run]
         text, chunk = "", []
         for token in tokens + [None]:

@@ -51,7 +51,7 @@ def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE
     prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
 
     def insert_separator(chunks, sep):
-        return [ele for sublist in zip(chunks, [sep] * len(chunks)) for ele in sublist][:-1]
+        return [ele for sublist in zip(chunks, [sep] * len(chunks), strict=True) for ele in sublist][:-1]
 
     input_ids: list[int] = []
     offset = 0

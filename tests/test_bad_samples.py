@@ -378,7 +378,7 @@ def test_collator_pads_and_reports_skips(make_dataset, llama_tokenizer, tmp_path
     lengths = [len(item["input_ids"]) for item in kept]
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (4, max(lengths))
     assert len(set(lengths)) > 1  # something is padded
-    for row, (item, n) in enumerate(zip(kept, lengths)):
+    for row, (item, n) in enumerate(zip(kept, lengths, strict=True)):
         assert batch["input_ids"][row, :n].tolist() == item["input_ids"].tolist()  # right padding
         assert batch["labels"][row, :n].tolist() == item["labels"].tolist()
         assert batch["attention_mask"][row, :n].tolist() == [1] * n

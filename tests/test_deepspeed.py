@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from data_prep.make_shapes import generate as make_shapes
 from llava_sft.config import save_config
 from llava_sft.model.llava import LlavaModel
-from llava_sft.train.engine import DeepSpeedConfigError
+from llava_sft.train.engines.deepspeed import DeepSpeedConfigError
 from llava_sft.train.trainer import train
 from tests.tiny import forward_passes, run_config
 
@@ -158,7 +158,7 @@ def test_stage2_zero3_matches_one_process_and_saves_a_loadable_model(llama_token
     for key in ("loss", "grad_norm", "lr"):
         assert [r[key] for r in again] == [r[key] for r in got][2:], key
     a, b = LlavaModel.from_pretrained(tmp_path / "zero3")[0], LlavaModel.from_pretrained(tmp_path / "resumed")[0]
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
     # the consolidated output is the single-process format: same files, same tensors (approximately)
     out, ref = tmp_path / "zero3", tmp_path / "plain"
@@ -242,7 +242,7 @@ def test_zero3_image_and_text_only_micro_batches_side_by_side(llama_tokenizer_di
     plans = [make_plan(config("probe"), dataset, 2, rank) for rank in range(2)]
     modalities = [[[dataset.has_image(i) for mb in p.micro_batches(gb) for i in mb] for gb in p.global_batches(0)]
                   for p in plans]
-    assert any(a != b for a, b in zip(*modalities))  # the situation under test occurs
+    assert any(a != b for a, b in zip(*modalities, strict=True))  # the situation under test occurs
     train(config("plain"))
     torchrun(config("zero3", deepspeed=str(ds_json(tmp_path, "zero3.json"))), tmp_path, "zero3", 29761)
     got, want = rows(tmp_path / "zero3"), rows(tmp_path / "plain")

@@ -9,7 +9,7 @@ import torch
 from data_prep.make_shapes import generate as make_shapes
 from llava_sft.config import from_dict
 from llava_sft.model.vision import VisionConfig, build_vision_tower, list_vision_towers
-from llava_sft.train.trainer import _train_step, build, param_groups, seed_everything, train
+from llava_sft.train.trainer import DDPEngine, build, param_groups, seed_everything, train, train_step
 from tests.test_training import batches_of
 from tests.tiny import run_config
 from tests.tiny_encoders import tiny_vision_configs
@@ -78,8 +78,8 @@ def test_encoder_runs_a_stage1_step_end_to_end(configs, shapes_dir, llama_tokeni
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(param_groups(model, 0.0, 1e-2), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    _train_step(model, None, batches_of(dataset, list(range(8)), 4), opt, sched, cfg.train, 1, torch.device("cpu"),
-                False, dataset.report)
+    train_step(DDPEngine.local(model, opt, sched, cfg.train), batches_of(dataset, list(range(8)), 4),
+               torch.device("cpu"), False, dataset.report)
     after = model.state_dict()
     for key, value in before.items():  # only the projector trains; the tower and the LLM stay as they were
         assert torch.equal(value, after[key]) != key.startswith("projector."), key

@@ -112,7 +112,7 @@ def test_mm_vet_reproduces_totals_std_and_runs(model, runs):
     assert close(four["total"], exp["total_4dp"], 1e-4) and close(four["total_rounded"], exp["total_4dp"], 1e-4)
     assert close(four["std"], exp["std_4dp"], 1e-4) and close(four["std_rounded"], exp["std_4dp"], 1e-4)
     assert len(four["runs"]) == runs
-    for got, want in zip(four["runs_rounded"], exp["runs_4dp"]):
+    for got, want in zip(four["runs_rounded"], exp["runs_4dp"], strict=True):
         assert close(got, want, 1e-4)
     one = score.score_mm_vet(grades)  # defaults: every run in the file, 218 graded, 1 dp
     assert close(one["total_rounded"], exp["total_default_1dp"]) and close(one["std_rounded"], exp["std_default_1dp"])

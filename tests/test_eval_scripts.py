@@ -63,7 +63,7 @@ def test_every_python_flag_exists_in_the_module_help():
         return proc.stdout
 
     with ThreadPoolExecutor(4) as pool:
-        helps = dict(zip(commands, pool.map(help_text, commands)))
+        helps = dict(zip(commands, pool.map(help_text, commands), strict=True))
     missing = [(script, module, sub, flag) for script, module, sub, flags in calls for flag in sorted(flags)
                if not re.search(re.escape(flag) + r"\b", helps[(module, sub)])]
     assert not missing, missing

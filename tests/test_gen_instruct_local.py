@@ -45,7 +45,7 @@ def test_transformers_backend_runs_and_flows_through_parsing(tmp_path, llama_tok
     assert len(cache) == 3 and {e["kind"] for e in cache} == {"conversation", "detail", "complex_reasoning"}
     assert all(e["model"] == "tiny-llm" and e["prompt_tokens"] > 100 and 0 < e["completion_tokens"] <= 12
                for e in cache)
-    for kind, k in report["kinds"].items():  # every reply ends as a record or a counted rejection
+    for k in report["kinds"].values():  # every reply ends as a record or a counted rejection
         assert k["requested"] == 1 and k["accepted"] + sum(k["rejected"].values()) == 1
     # 12 tokens cannot make a 40-word description
     assert report["kinds"]["detail"]["rejected"] == {"shorter than 40 words": 1}

@@ -59,7 +59,7 @@ def test_jsonl_rows_equal_tokenize_conversation(cli_run, llama_tokenizer):
     _, rows = cli_run
     assert [row["id"] for row in rows] == ["img", "txt", "bad"]
     template = get_template("vicuna_v1")
-    for row, record in zip(rows[:2], RECORDS[:2]):
+    for row, record in zip(rows[:2], RECORDS[:2], strict=True):
         assert set(row) == {"id", "input_ids", "labels"}
         ids, labels = tokenize_conversation(record["conversations"], llama_tokenizer, template,
                                             num_images=1 if "image" in record else 0)

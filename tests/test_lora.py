@@ -49,9 +49,10 @@ def lora_config(tokenizer_dir, data_dir, base, out, quantize=None, **train_kw):
 
 
 def logits(model: LlavaModel, tokenizer, image_dir: Path) -> torch.Tensor:
+    from PIL import Image
+
     from llava_sft.constants import IMAGE_TOKEN_INDEX
     from llava_sft.data.images import ImageProcessor
-    from PIL import Image
 
     tower = model.vision_tower
     proc = ImageProcessor(tower.image_size, tower.image_mean, tower.image_std, "pad")

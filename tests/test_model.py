@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from llava_sft.config import from_dict
-from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_sft.constants import IMAGE_TOKEN_INDEX
 from llava_sft.model.llava import LlavaModel, ModelConfig, load_tokenizer
 from llava_sft.model.projector import build_projector
 from llava_sft.model.splice import splice_images
@@ -172,7 +172,7 @@ def test_projector_handoff_and_clear_failure_on_mismatch(llama_tokenizer_dir, tm
     stage2 = make_model(llama_tokenizer_dir, seed=1)
     assert not torch.equal(stage2.projector[0].weight, stage1.projector[0].weight)
     stage2.load_projector(tmp_path / "stage1")
-    for a, b in zip(stage1.projector.state_dict().values(), stage2.projector.state_dict().values()):
+    for a, b in zip(stage1.projector.state_dict().values(), stage2.projector.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="'mlp2x_gelu' but this model uses 'linear'"):
         make_model(llama_tokenizer_dir, projector="linear").load_projector(tmp_path / "stage1")
@@ -199,7 +199,7 @@ def test_saved_model_generates_deterministically_and_batching_does_not_change_an
     questions = ["What is it?", "What color is it?", "Is it big?"]
     batched = answerer.answer(questions, images, max_new_tokens=8)
     assert batched == answerer.answer(questions, images, max_new_tokens=8)
-    single = [answerer.answer([q], [im], max_new_tokens=8)[0] for q, im in zip(questions, images)]
+    single = [answerer.answer([q], [im], max_new_tokens=8)[0] for q, im in zip(questions, images, strict=True)]
     assert batched == single
     again = Answerer(tmp_path / "m", device="cpu").answer(questions, images, max_new_tokens=8)
     assert again == batched  # the saved directory alone determines the answers
@@ -207,7 +207,7 @@ def test_saved_model_generates_deterministically_and_batching_does_not_change_an
     assert sampled[0] == sampled[1]  # sampling is reproducible for a seed
     assert sampled[0] != batched or sampled[2] != batched  # and really samples
     # the loaded model has the same weights as the saved one
-    for (name, a), b in zip(model.state_dict().items(), answerer.model.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), answerer.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -22,7 +22,7 @@ from llava_sft.config import save_config
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_sft.data.dataset import Collator
 from llava_sft.data.packing import PackingCollator, expanded_length, pack_rows
-from llava_sft.train.trainer import accumulate_gradients, build, seed_everything, train
+from llava_sft.train.trainer import DDPEngine, accumulate_gradients, build, seed_everything, train
 from tests.tiny import forward_passes, run_config
 
 VARLEN = "flash_varlen_reference_cpu"  # "flash" in the name: model/packed_attention.py flattens for it
@@ -40,7 +40,7 @@ def varlen_reference(module, query, key, value, attention_mask, scaling=None, dr
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     out = torch.zeros_like(query)
     bounds = cu_seq_lens_q.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         out[:, :, a:b] = F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
                                                         is_causal=True, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -280,7 +280,7 @@ def test_accumulated_packed_step_equals_unpacked(mixed):
 
     def grads(micro):
         model.zero_grad(set_to_none=True)
-        row = accumulate_gradients(model, None, micro, 1, torch.device("cpu"), False)
+        row = accumulate_gradients(DDPEngine.local(model), micro, torch.device("cpu"), False)
         return row, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     collate = Collator(0)
@@ -324,7 +324,7 @@ def test_training_run_packed_matches_unpacked(llama_tokenizer_dir, shapes_dir, t
     assert [r["tokens"] for r in packed] == [r["tokens"] for r in plain]
     assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in plain], rel=1e-4)
     assert plain[-1]["loss"] < plain[0]["loss"]  # it trains
-    assert all(p["real_token_frac"] > u["real_token_frac"] for p, u in zip(packed, plain))
+    assert all(p["real_token_frac"] > u["real_token_frac"] for p, u in zip(packed, plain, strict=True))
     assert min(r["real_token_frac"] for r in packed) > 0.9
 
 

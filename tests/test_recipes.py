@@ -66,7 +66,7 @@ def test_llava_v1_recipes():
 def test_deepspeed_engines_of_the_recipes():
     """Stage 1 under ZeRO-2, full and LoRA Stage 2 under ZeRO-3, QLoRA under ZeRO-2 (as LLaVA's scripts); the
     shipped DeepSpeed JSONs resolve for 8 GPUs to the recipe's batch, clipping and bf16, with our optimizer."""
-    from llava_sft.train.engine import resolve_config, zero_stage
+    from llava_sft.train.engines.deepspeed import resolve_config, zero_stage
 
     expected = {"llava_v1_5/stage1_pretrain_7b.yaml": 2, "llava_v1_5/stage2_finetune_7b.yaml": 3,
                 "llava_v1_5/stage2_finetune_7b_lora.yaml": 3, "llava_v1_5/stage2_finetune_7b_qlora.yaml": 2,

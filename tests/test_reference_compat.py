@@ -180,7 +180,7 @@ def test_oracle_cases_are_meaningful(vicuna_tok, name, template, sample):
     spans = supervised_spans(res.labels)
     replies = answers(sample)
     assert len(spans) == len(replies)
-    for span, reply in zip(spans, replies):
+    for span, reply in zip(spans, replies, strict=True):
         if template == "plain":  # caption + "\n", no EOS in Stage 1
             assert tok.convert_ids_to_tokens(span[-1]) == "<0x0A>"
             assert tok.decode(span).strip() == reply.strip()

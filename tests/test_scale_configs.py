@@ -15,9 +15,12 @@ from safetensors.torch import load_file
 from llava_sft.merge_lora import merge_lora
 from llava_sft.model.llava import LlavaModel
 from llava_sft.model.lora import LoraSettings
-from llava_sft.train.engine import DeepSpeedConfigError
+from llava_sft.train.engines.deepspeed import DeepSpeedConfigError
 from llava_sft.train.trainer import build, train
-from tests.test_deepspeed import REL, ds_json, rows, shapes, stage2_from_pretrained, torchrun  # noqa: F401
+from tests import test_deepspeed
+from tests.test_deepspeed import REL, ds_json, rows, stage2_from_pretrained, torchrun  # noqa: F401
+
+shapes = test_deepspeed.shapes  # the same module-scoped fixture
 
 
 def lora_run(tokenizer_dir, data, tmp_path, name, quantize=None, **kw):
@@ -76,7 +79,7 @@ def test_profile_memory_counts_weights_gradients_and_adam_states(llama_tokenizer
     (benchmarks/scale.py's arithmetic), up to the batch and small buffers."""
     import gc
 
-    from llava_sft.train.trainer import live_tensor_gb
+    from llava_sft.train.measure import live_tensor_gb
 
     cfg = stage2_from_pretrained(llama_tokenizer_dir, shapes, tmp_path, "run", global_batch_size=4,
                                  micro_batch_size=4, profile_memory=True)

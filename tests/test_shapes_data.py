@@ -196,7 +196,7 @@ def test_stage2_answers_match_images(data):
             continue
         shapes = data["meta"][sample["image"]]["shapes"]
         turns = sample["conversations"]
-        for human, gpt in zip(turns[::2], turns[1::2]):
+        for human, gpt in zip(turns[::2], turns[1::2], strict=True):
             expected = oracle(human["value"], shapes)
             if expected is None:
                 assert_caption_matches(gpt["value"], shapes)
@@ -214,7 +214,7 @@ def test_text_only_fraction_and_answers(data):
     for sample in text_only:
         turns = sample["conversations"]
         assert 1 <= len(turns) // 2 <= 2
-        for human, gpt in zip(turns[::2], turns[1::2]):
+        for human, gpt in zip(turns[::2], turns[1::2], strict=True):
             m = re.fullmatch(r"What is (\d+) (plus|minus) (\d+)\?", human["value"])
             if m:
                 a, b = int(m[1]), int(m[3])
@@ -230,7 +230,7 @@ def test_eval_balanced_and_consistent(data):
     assert len({q["question_id"] for q in questions}) == len(questions)
     exists = Counter(a["answer"] for a in answers if a["category"] == "exists")
     assert abs(exists["yes"] - exists["no"]) <= 1
-    for q, a in zip(questions, answers):
+    for q, a in zip(questions, answers, strict=True):
         assert q["category"] == a["category"]
         assert oracle(q["text"], data["meta"][q["image"]]["shapes"]) == a["answer"]
     vocab = data["manifest"]["vocab"]
@@ -328,7 +328,7 @@ def test_stage2_mix_options(tmp_path):
         turns = sample["conversations"]
         assert turns[0]["value"].startswith("<image>\n")
         rounds[len(turns) // 2] += 1
-        for human, gpt in zip(turns[::2], turns[1::2]):
+        for human, gpt in zip(turns[::2], turns[1::2], strict=True):
             expected = oracle(human["value"], meta[sample["image"]]["shapes"])
             if expected is None:
                 assert_caption_matches(gpt["value"], meta[sample["image"]]["shapes"])

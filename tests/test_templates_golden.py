@@ -152,7 +152,7 @@ def merge(pieces):
 
 def supervised_runs(ids, labels):
     runs, cur = [], []
-    for token, label in zip(ids, labels):
+    for token, label in zip(ids, labels, strict=True):
         if label == IGNORE_INDEX:
             if cur:
                 runs.append(cur)
@@ -205,8 +205,8 @@ def _check_case(tok, template, conversations, num_images, pieces):
         assert ids[0] == tok.bos_token_id and labels[0] == IGNORE_INDEX
 
     # (c) every label is either the token itself or -100; images are never supervised
-    assert all(label in (token, IGNORE_INDEX) for token, label in zip(ids, labels))
-    assert all(label == IGNORE_INDEX for token, label in zip(ids, labels) if token == IMAGE_TOKEN_INDEX)
+    assert all(label in (token, IGNORE_INDEX) for token, label in zip(ids, labels, strict=True))
+    assert all(label == IGNORE_INDEX for token, label in zip(ids, labels, strict=True) if token == IMAGE_TOKEN_INDEX)
 
     # (b) the supervised runs spell exactly the supervised pieces, in order (so all the rest is -100)
     expected, before = [], ""

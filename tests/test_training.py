@@ -12,7 +12,15 @@ from data_prep.make_shapes import generate as make_shapes
 from llava_sft.config import ConfigError, RunConfig, from_dict, load_config
 from llava_sft.data.dataset import Collator
 from llava_sft.train import checkpoint as ckpt
-from llava_sft.train.trainer import _train_step, accumulate_gradients, build, param_groups, seed_everything, train
+from llava_sft.train.trainer import (
+    DDPEngine,
+    accumulate_gradients,
+    build,
+    param_groups,
+    seed_everything,
+    train,
+    train_step,
+)
 from tests.tiny import run_config
 
 
@@ -38,8 +46,8 @@ def test_stage1_steps_change_only_the_projector(llama_tokenizer_dir, shapes_dir,
     opt = torch.optim.AdamW(param_groups(model, 0.1, 1e-2), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in range(3):
-        _train_step(model, None, batches_of(dataset, list(range(step * 8, step * 8 + 8)), 4), opt, sched,
-                    cfg.train, 1, torch.device("cpu"), False, dataset.report)
+        train_step(DDPEngine.local(model, opt, sched, cfg.train), batches_of(dataset, list(range(step * 8, step * 8 + 8)), 4),
+                   torch.device("cpu"), False, dataset.report)
     after = model.state_dict()
     for name, value in before.items():
         if name.startswith("projector."):
@@ -59,7 +67,7 @@ def test_accumulation_equals_one_big_batch(llama_tokenizer_dir, shapes_dir, tmp_
 
     def grads(micro):
         model.zero_grad(set_to_none=True)
-        row = accumulate_gradients(model, None, batches_of(dataset, indices, micro), 1, torch.device("cpu"), False)
+        row = accumulate_gradients(DDPEngine.local(model), batches_of(dataset, indices, micro), torch.device("cpu"), False)
         return row["loss"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     loss_big, g_big = grads(8)
@@ -147,12 +155,12 @@ def test_gradient_checkpointing_with_a_frozen_llm_gives_the_same_gradients(llama
 
     def projector_grads():
         model.zero_grad(set_to_none=True)
-        accumulate_gradients(model, None, batches, 1, torch.device("cpu"), False)
+        accumulate_gradients(DDPEngine.local(model), batches, torch.device("cpu"), False)
         return [p.grad.clone() for p in model.projector.parameters()]
 
     plain = projector_grads()
     model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpointed = projector_grads()
     assert all(g.abs().sum() > 0 for g in checkpointed)
-    for a, b in zip(plain, checkpointed):
+    for a, b in zip(plain, checkpointed, strict=True):
         assert torch.allclose(a, b, atol=1e-6)

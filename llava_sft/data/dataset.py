@@ -179,6 +179,10 @@ class LlavaJsonDataset(Dataset):
                         "they are (data.control_strings=keep)", json_path, self.kept_with_control_strings)
 
     # ------------------------------------------------------------------ samples
+    @property
+    def num_samples(self) -> int:  # as ShardDataset.num_samples: the samples of all ranks
+        return len(self)
+
     def __len__(self) -> int:
         return len(self.records)
 

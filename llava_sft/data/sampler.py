@@ -18,7 +18,11 @@ number of repeated samples is reported.
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
+
 import torch
+from torch.utils.data import DataLoader
 
 
 class BatchPlan:
@@ -75,3 +79,18 @@ class BatchPlan:
         else:
             mine = global_batch[self.rank * share:(self.rank + 1) * share]
         return [mine[i:i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)]
+
+    def epoch_steps(self, epoch: int, start: int, collate: Callable, num_workers: int,
+                    dataset) -> Iterator[list[dict]]:
+        """This rank's micro-batches of each step of `epoch`, from step `start` on, loaded by `num_workers`."""
+        micro = [mb for gb in self.global_batches(epoch)[start:] for mb in self.micro_batches(gb)]
+        loader = iter(DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=num_workers,
+                                 persistent_workers=False, pin_memory=torch.cuda.is_available()))
+        if self.strided_shares:  # packing: one loader item is a rank's share, already packed into micro-batches
+            yield from loader
+            return
+        while True:
+            step = list(itertools.islice(loader, self.accumulation_steps))
+            if not step:
+                return
+            yield step

@@ -42,8 +42,10 @@ class StreamPlan:
     def repeated_per_epoch(self) -> int:
         return self.dataset.repeated_per_epoch()
 
-    def epoch_steps(self, epoch: int, start: int, collate: Callable, num_workers: int) -> Iterator[list[dict]]:
-        """This rank's micro-batches of each step of `epoch`, from step `start` on."""
+    def epoch_steps(self, epoch: int, start: int, collate: Callable, num_workers: int,
+                    dataset=None) -> Iterator[list[dict]]:
+        """This rank's micro-batches of each step of `epoch`, from step `start` on (the plan holds its stream;
+        `dataset` is there for the signature BatchPlan shares)."""
         self.dataset.set_epoch(epoch, skip=start * self.samples_per_step)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                             pin_memory=torch.cuda.is_available())

@@ -73,7 +73,7 @@ class ChatTemplate:
         if self.kind == "plain":
             return self._render_plain(turns, num_images, sample_id)
         segments = self._system_segments()
-        for user, assistant in zip(turns[0::2], turns[1::2]):
+        for user, assistant in zip(turns[0::2], turns[1::2], strict=True):
             segments.append(Segment(self.user_format.format(content=self._user_content(user["value"])), False))
             segments.append(Segment(self.assistant_header, False))
             segments.append(Segment(self.assistant_format.format(content=assistant["value"]), True))

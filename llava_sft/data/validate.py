@@ -116,7 +116,7 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
             results = pool.map(_decodes, [p for _, p in to_decode], chunksize=64)
             for (sample_id, path), error in zip(to_decode, tqdm(results, total=len(to_decode), desc="decoding images",
-                                                                 disable=not progress)):
+                                                                 disable=not progress), strict=True):
                 if error:
                     problems["corrupt"].append((sample_id, f"{path} ({error})"))
     for sample_id, count in ids_seen.items():

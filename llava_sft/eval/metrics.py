@@ -392,7 +392,7 @@ def pope_metrics(preds: Sequence, labels: Sequence) -> dict:
     pred_pos = [pope_parse(p) == "yes" if isinstance(p, str) else bool(p) for p in preds]
     label_pos = [_is_positive_label(label) for label in labels]
     tp = fp = tn = fn = 0
-    for p, y in zip(pred_pos, label_pos):
+    for p, y in zip(pred_pos, label_pos, strict=False):
         if p and y:
             tp += 1
         elif p:

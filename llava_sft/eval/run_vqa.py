@@ -88,7 +88,7 @@ def load_mmbench(path: Path, lang: str = "en", all_rounds: bool = True) -> list[
                 question = row["question"]
                 if not _missing(row.get("hint")):
                     question = row["hint"] + "\n" + question
-                for char, option in zip(letters, options):
+                for char, option in zip(letters, options, strict=False):
                     question += "\n" + char + ". " + option
                 items.append({"key": f"{row['index']}/{round_id}", "question_id": int(row["index"]),
                               "prompt": question, "image": image, "instruction": SINGLE_LETTER[lang],
@@ -164,7 +164,7 @@ def answer_items(answerer, items: list[dict], out_file: Path, batch_size: int = 
                       for it in batch]
             questions = [it["prompt"] + ("\n" + it["instruction"] if it.get("instruction") else "") for it in batch]
             texts = answerer.answer(questions, images, max_new_tokens=max_new_tokens, temperature=temperature)
-            for it, text in zip(batch, texts):
+            for it, text in zip(batch, texts, strict=True):
                 row = {"question_id": it["question_id"], **({"round_id": it["extra"]["round_id"]}
                                                             if "round_id" in it["extra"] else {}),
                        "prompt": it["prompt"], "text": text, "answer_id": uuid.uuid4().hex,

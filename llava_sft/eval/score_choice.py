@@ -45,7 +45,7 @@ def mmbench_variants(answer_rows: list[dict], annotation_rows: list[dict]) -> tu
             if a is not None:
                 shown = a.get("options") or _rotate(options, round_id)
                 chars = a.get("option_char") or _rotate(LETTERS[:len(options)], round_id)
-                letter = M.mmbench_parse(a["text"], dict(zip(LETTERS, shown)))
+                letter = M.mmbench_parse(a["text"], dict(zip(LETTERS, shown, strict=False)))
                 pred = chars[LETTERS.index(letter)] if letter is not None else None
             variants.append({"group": index % CIRCULAR_STRIDE, "index": index, "round_id": round_id,
                              "category": row.get("category"), "l2_category": row.get("l2-category"),

@@ -93,7 +93,7 @@ def openclip_to_hf_clip_state(visual: nn.Module) -> dict[str, torch.Tensor]:
             out[prefix + _BLOCK_MAP[rest]] = value
         elif rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
             kind = rest.rsplit("_", 1)[1]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
                 out[f"{prefix}self_attn.{name}.{kind}"] = part.clone()
         else:
             raise UnsupportedConversion(f"open_clip weight {key!r} has no CLIPVisionModel counterpart")

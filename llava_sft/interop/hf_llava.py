@@ -140,7 +140,7 @@ def build_hf_state_and_config(model: LlavaModel, image_token_id: int, vocab: int
     else:
         strategy = {"patch": "default", "cls_patch": "full"}[select]
         if select == "cls_patch" and not vision.has_cls:
-            raise UnsupportedConversion(f"select_feature 'cls_patch' on a tower without a CLS token")
+            raise UnsupportedConversion("select_feature 'cls_patch' on a tower without a CLS token")
     text_config = model.llm.config.to_dict()
     text_config.update(vocab_size=vocab, use_cache=True)  # our training-time use_cache=False is not the LLM's
     text_config.pop("_name_or_path", None)

@@ -25,7 +25,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llava_sft.interop.clip_convert import UnsupportedConversion
-from llava_sft.model.llava import CONFIG_FILE, DTYPES, PROJECTOR_FILE, LLMConfig, LlavaModel, ModelConfig, load_tokenizer
+from llava_sft.model.llava import (
+    CONFIG_FILE,
+    DTYPES,
+    PROJECTOR_FILE,
+    LlavaModel,
+    LLMConfig,
+    ModelConfig,
+    load_tokenizer,
+)
 from llava_sft.model.vision import VisionConfig, build_vision_tower
 
 log = logging.getLogger(__name__)

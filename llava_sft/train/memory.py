@@ -85,7 +85,7 @@ def vit_params(width: int, layers: int, patch: int, image: int, embed_dim: int =
 def predicted_states_gb(method: str, engine: str, nproc: int, llm: dict, vision_params: int, projector_params: int,
                         lora_r: int, bf16: bool) -> float:
     """Per-rank GiB of weights + gradients + optimizer states (no activations, no runtime).
-    method: full | lora | qlora | projector (Stage 1: the LLM frozen); engine: ddp | zero2 | zero3."""
+    method: full | lora | qlora | projector (Stage 1: the LLM frozen); engine: ddp | zero2 | zero3 | fsdp2."""
     w = g = 2 if bf16 else 4  # bytes per weight / gradient
     # optimizer bytes per trainable parameter: AdamW's two fp32 moments, plus an fp32 master copy under bf16 and
     # under ZeRO (DeepSpeed keeps its own fp32 partition even of fp32 weights); DDP's gradients are views of its
@@ -112,6 +112,10 @@ def predicted_states_gb(method: str, engine: str, nproc: int, llm: dict, vision_
         states = vision + frozen + trainable * (w + (g + o) / n)
     elif engine == "zero3":  # weights too (the frozen ones as well)
         states = vision + (frozen + trainable * (w + g + o)) / n
+    elif engine == "fsdp2":  # every LLM / projector weight upcast to fp32 and sharded, with its fp32 gradient and
+        if method == "qlora":  # AdamW's moments (engines/fsdp2.py): 4 bytes per frozen, 16 per trainable parameter
+            raise ValueError("FSDP2 does not shard a 4-bit base (QLoRA)")
+        states = vision + (frozen * 4 / w + trainable * 16) / n
     else:
         raise ValueError(f"unknown engine {engine!r}")
     return states / GIB

@@ -32,6 +32,8 @@ def decoder_of(llm: torch.nn.Module) -> torch.nn.Module:
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
+    if hasattr(p, "to_local"):  # FSDP2: this rank's shard
+        return p.to_local()
     return getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
 
 
@@ -79,7 +81,7 @@ class Probe:
         return cls(path, rank) if path else None
 
     # ------------------------------------------------------------------ setup
-    def on_setup(self, model, optimizer, deepspeed_run, checkpointing: bool, reentrant: bool = False) -> None:
+    def on_setup(self, model, optimizer, engine, checkpointing: bool, reentrant: bool = False) -> None:
         from llava_sft.model.llava import numel
 
         self._model, self._reentrant = model, reentrant
@@ -91,8 +93,8 @@ class Probe:
             for name, m in modules.items()}
         self.facts["gradient_checkpointing"] = {"configured": checkpointing, "reentrant": reentrant}
         self.facts["master_dtypes"] = sorted({str(t.dtype).replace("torch.", "") for t in
-                                              _stepped_tensors(optimizer, deepspeed_run)})
-        # the vision tower's weights are buffers under ZeRO-3 (engine.params_to_buffers): hash its state dict
+                                              _stepped_tensors(optimizer, engine)})
+        # the vision tower's weights are buffers under ZeRO-3 and FSDP2 (engines.base.params_to_buffers): hash its state dict
         frozen = {f"llm.{n}": p for n, p in model.llm.named_parameters() if not p.requires_grad}
         frozen.update({f"projector.{n}": p for n, p in model.projector.named_parameters() if not p.requires_grad})
         frozen.update({f"vision_tower.{n}": t for n, t in model.vision_tower.state_dict().items()})
@@ -159,11 +161,11 @@ class Probe:
         self.path.write_text(json.dumps(self.facts, indent=1))
 
 
-def _stepped_tensors(optimizer, deepspeed_run) -> list[torch.Tensor]:
+def _stepped_tensors(optimizer, engine) -> list[torch.Tensor]:
     """The tensors the optimizer updates: DeepSpeed ZeRO's fp32 partitions (stage 1/2: single_partition_of_fp32_groups,
     stage 3: fp32_partitioned_groups_flat), or the parameters of a plain torch optimizer."""
-    if deepspeed_run is not None:
-        zero = deepspeed_run.engine.optimizer
+    if engine is not None and engine.name == "deepspeed":
+        zero = engine.module.optimizer
         for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
             if getattr(zero, attr, None):
                 return [t for t in getattr(zero, attr) if t is not None]

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2/3 as the distributed engine (`train.deepspeed: PATH` to a JSON config).
+"""DeepSpeed ZeRO-2/3 as the distributed engine (`train.engine: deepspeed`, or simply `train.deepspeed: PATH` to
+a JSON config).
 
 What stays ours, whatever the JSON says:
 * the optimizer (torch AdamW with our parameter groups; DeepSpeedCPUAdam only when the optimizer is
@@ -20,6 +21,7 @@ partition), since it is frozen and open_clip reads some of its weights outside s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,9 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llava_sft.train.engines.base import Engine, params_to_buffers
+
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DS_TAG = "deepspeed"  # sub-directory of a periodic checkpoint holding the engine's files
 FILLED = {  # DeepSpeed key -> where our config sets it
     "train_batch_size": "train.global_batch_size",
@@ -120,15 +124,27 @@ def init_distributed(cuda: bool) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
 
 
-class DeepSpeedRun:
-    """One run's DeepSpeed state: the resolved config, the ZeRO-3 HF hook, the engine."""
+class DeepSpeedEngine(Engine):
+    """One run's DeepSpeed state: the resolved config, the ZeRO-3 HF hook, the DeepSpeed engine (`self.module`).
+    A periodic checkpoint holds the trainable names in state.pt and the engine's own files (fp32 masters, optimizer,
+    schedule) in step_N/deepspeed/, written by every rank."""
+    name = checkpoint_name = "deepspeed"
+    keeps_fp32_masters = True  # ZeRO (every stage) keeps an fp32 partition of each trainable parameter
+    equal_forward_passes = True  # ZeRO's collectives run in every micro-batch's forward (ZeRO-3) and backward
 
-    def __init__(self, config: dict):
-        self.config = config
-        self.stage = zero_stage(config)
-        self.bf16 = bool(config["bf16"]["enabled"])
-        self.engine = None
+    def __init__(self, cfg, world: int, rank: int):
+        super().__init__(cfg.train, world, rank)
+        cuda = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
+        quantized = bool(cfg.model.lora and cfg.model.lora.quantize)
+        # resolved before anything starts: a bad DeepSpeed JSON is a clear error now
+        self.config = resolve_config(cfg.train.deepspeed, cfg.train, world, cuda, quantized)
+        self.stage = zero_stage(self.config)
+        self.bf16 = bool(self.config["bf16"]["enabled"])
+        self.reentrant_checkpointing = self.stage == 3  # see train/build.py enable_gradient_checkpointing
         self._hf_ds_config = None
+
+    def init_distributed(self, cuda: bool) -> None:
+        init_distributed(cuda)
 
     def before_model_build(self) -> None:
         """Under ZeRO-3, HF models built from now on are partitioned at load time (the object must stay alive)."""
@@ -137,53 +153,79 @@ class DeepSpeedRun:
 
             self._hf_ds_config = HfDeepSpeedConfig(self.config)
 
-    def initialize(self, model: nn.Module, groups: list[dict], t_cfg, lr_lambda):
-        """(engine, optimizer, scheduler): our AdamW param groups and LambdaLR, handed to DeepSpeed."""
+    def text_only_anchor(self) -> str:
+        # ZeRO-3's module hooks issue collectives: every rank runs every module, a text-only batch a blank image
+        return "modules" if self.stage == 3 else super().text_only_anchor()
+
+    def autocast(self, device: torch.device) -> bool:
+        return super().autocast(device) and not self.bf16  # DeepSpeed's bf16 mode: the weights are bf16 already
+
+    def setup(self, model: nn.Module, make_groups, lr_lambda) -> None:
+        """Our AdamW param groups and LambdaLR, handed to DeepSpeed."""
         import deepspeed
 
+        self.model = model
+        model.text_only_anchor = self.text_only_anchor()
         if self.stage == 3:
             params_to_buffers(model.vision_tower)
             llm = list(model.llm.parameters())
             log.info("ZeRO-3: %d of %d LLM parameter tensors were loaded partitioned (HfDeepSpeedConfig / zero.Init); "
                      "the frozen vision tower is kept whole on every rank", sum(hasattr(p, "ds_id") for p in llm), len(llm))
-        kwargs = dict(lr=t_cfg.lr, betas=tuple(t_cfg.adam_betas), eps=t_cfg.adam_eps)
+        t_cfg = self.train_cfg
+        groups = make_groups(model)
         if optimizer_offloaded(self.config) and torch.cuda.is_available():
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, lr=t_cfg.lr, betas=tuple(t_cfg.adam_betas),
+                                         eps=t_cfg.adam_eps)
         else:
-            optimizer = torch.optim.AdamW(groups, **kwargs)
+            optimizer = self.adamw(groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=self.config)
-        self.engine = engine
+        self.module, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=self.config)
+        self.optimizer, self.scheduler = optimizer, scheduler
         log.info("DeepSpeed ZeRO-%d, bf16=%s, %s, gradient accumulation %d", self.stage, self.bf16,
                  type(optimizer).__name__, self.config["gradient_accumulation_steps"])
-        return engine, optimizer, scheduler
 
-    # ------------------------------------------------------------------ step
-    def step(self) -> float:
-        """Optimizer + schedule step at the accumulation boundary; returns the pre-clipping gradient norm."""
+    # ------------------------------------------------------------------ steps
+    def accumulating(self, last: bool):
+        self.module.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss, scale_wrt_gas=False)  # the loop normalised already: no division by accumulation
+
+    def step(self, check) -> float:
+        """Clipping (gradient_clipping = train.grad_clip), optimizer and schedule at the accumulation boundary.
+        DeepSpeed computes the global gradient norm inside its step, so the norm is checked after it."""
         with torch.no_grad():  # gloo's all-gather writes into views of the flat parameter buffers
-            self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+            self.module.step()
+        norm = self.module.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        check(norm, True)
+        return norm
 
     # ------------------------------------------------------------ checkpoints
-    def save(self, directory: Path) -> None:
-        """Collective: every rank writes its shards into `directory/deepspeed`."""
-        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+    def checkpoint_state(self, model) -> dict:
+        return {"engine": self.checkpoint_name, "zero_stage": self.stage,
+                "trainable_names": [n for n, p in model.named_parameters() if p.requires_grad]}
 
-    def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=False,
+    def write_checkpoint(self, directory: Path) -> None:
+        """Collective: every rank writes its shards into `directory/deepspeed`."""
+        self.module.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def restore(self, state: dict, directory: Path, model) -> None:
+        self.check_resumable(state, directory, model)
+        path, _ = self.module.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"{directory / DS_TAG}: no DeepSpeed checkpoint could be loaded")
 
     def full_state_dict(self, model: nn.Module, rank: int) -> dict | None:
-        """Collective: the whole model's state dict (gathered under ZeRO-3) on rank 0's CPU, None elsewhere."""
+        """Collective under ZeRO-3: the whole model's state dict gathered on rank 0's CPU (None elsewhere); below
+        ZeRO-3 the modules hold their whole weights already (None)."""
         if self.stage < 3:
-            return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank == 0 else None
+            return None
         import deepspeed
 
         out: dict[str, torch.Tensor] = {}
@@ -199,15 +241,3 @@ class DeepSpeedRun:
             if name not in out:
                 out[name] = buf.detach().cpu().clone()
         return out
-
-
-def params_to_buffers(module: nn.Module) -> None:
-    """Turn a frozen module's parameters into (persistent) buffers of the same names: ZeRO leaves them whole."""
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is None:
-                continue
-            if p.requires_grad:
-                raise ValueError(f"{type(sub).__name__}.{name} trains: only frozen modules can be kept whole")
-            del sub._parameters[name]
-            sub.register_buffer(name, p.data, persistent=True)
