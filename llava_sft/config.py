@@ -16,11 +16,62 @@ from pathlib import Path
 
 import yaml
 
-from llava_sft.model.llava import ModelConfig
+from llava_sft import registry
 
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass
+class VisionConfig:
+    """Which encoder, which weights, which features. Saved with every checkpoint."""
+
+    name: str = "openclip"  # registry key (llava_sft/registry.py VISION_TOWERS)
+    model: str = "ViT-L-14-336"  # architecture: open_clip / timm model name, or HF model directory / hub id
+    pretrained: str | None = "openai"  # weights: open_clip tag, local file, HF directory / hub id; None = random init
+    cache_dir: str | None = None  # open_clip download cache (pre-filled for offline clusters)
+    model_config_file: str | None = None  # JSON architecture (open_clip model config, or HF config.json)
+    model_kwargs: dict | None = None  # architecture overrides (timm create_model kwargs, HF config fields)
+    quick_gelu: bool = True  # OpenAI CLIP was trained with QuickGELU; the features are wrong without it
+    select_layer: int = -2  # hidden-state index as in HF (-1 = last block, -2 = penultimate block)
+    select_feature: str = "patch"  # "patch" (CLS/prefix tokens dropped) or "cls_patch"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: every nn.Linear of the LLM except the output head
+    quantize: str | None = None  # None (LoRA) or "nf4" (QLoRA: 4-bit NF4 base weights, double quantisation)
+
+    def __post_init__(self):
+        if self.quantize not in (None, "nf4"):
+            raise ValueError(f"model.lora.quantize must be null or 'nf4', got {self.quantize!r}")
+        if self.r <= 0:
+            raise ValueError(f"model.lora.r must be positive, got {self.r}")
+
+
+@dataclass
+class LLMConfig:
+    path: str | None = None  # local HF model directory (or hub id where a hub is reachable)
+    config: dict | None = None  # or: build a randomly initialised model from this HF config dict
+    attn_implementation: str = "sdpa"  # "sdpa" (CPU/GPU), "flash_attention_2" (GPU, optional extra), "eager"
+    dtype: str = "float32"  # weights dtype at load time ("bfloat16" for large models under DeepSpeed)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: str = "mlp2x_gelu"
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: str | None = None  # tokenizer directory; defaults to llm.path
+    tokenizer_use_fast: bool = False  # LLaVA uses the slow SentencePiece Llama tokenizer
+    image_aspect: str = "pad"  # "pad" (LLaVA-1.5) or "square" (resize + centre crop, LLaVA v1)
+    template: str = "vicuna_v1"  # chat template used at inference
+    system_prompt: str | None = None  # overrides the chat template's system prompt (training and inference)
+    lora: LoraSettings | None = None  # LoRA / QLoRA adapters on the LLM (see model/lora.py); None = full weights
 
 
 @dataclass
@@ -255,21 +306,18 @@ def _engine_errors(train: TrainConfig, quantized: bool) -> list[str]:
 
 def _registry_errors(cfg: RunConfig) -> list[str]:
     """Names that registries define: templates, vision towers, projectors."""
-    from llava_sft.data.templates import list_templates
-    from llava_sft.model.projector import _MLP, PROJECTORS
-    from llava_sft.model.vision import list_vision_towers
+    from llava_sft.data.templates import list_templates  # torch-free, as llava_sft.registry
 
     errors = []
     for key in ("data.template", "model.template"):
         if _get(cfg, key) not in list_templates():
             errors.append(f"{key}={_get(cfg, key)!r} is not a chat template: {', '.join(list_templates())}")
-    if cfg.model.vision.name not in list_vision_towers():
+    if cfg.model.vision.name not in registry.vision_tower_names():
         errors.append(f"model.vision.name={cfg.model.vision.name!r} is not a registered vision tower: "
-                      f"{', '.join(list_vision_towers())}")
-    match = _MLP.match(cfg.model.projector)
-    if cfg.model.projector not in PROJECTORS and not (match and int(match.group(1)) >= 1):
-        errors.append(f"model.projector={cfg.model.projector!r} is not a projector: {', '.join(PROJECTORS)} or "
-                      f"mlp<N>x_gelu")
+                      f"{', '.join(registry.vision_tower_names())}")
+    if not registry.is_projector(cfg.model.projector):
+        errors.append(f"model.projector={cfg.model.projector!r} is not a projector: "
+                      f"{', '.join(registry.projector_names())} or mlp<N>x_gelu")
     return errors
 
 

@@ -72,3 +72,29 @@ def test_missing_paths_are_found_before_anything_loads(tmp_path):
     for key in ("data.path", "data.image_folder", "train.pretrained_projector"):
         assert f"{key}={tmp_path}" in line
     assert "Traceback" not in proc.stderr and "vision tower" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_parsing_and_validating_a_recipe_imports_neither_torch_nor_the_model():
+    """The config is a leaf: a YAML parses and validates (registry names included) in a fraction of a second, so a
+    typo is refused before the 1.6 s of `import torch` (llava_sft/registry.py holds the names without torch)."""
+    code = ("import sys; from llava_sft.config import load_config; load_config(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('llava_sft.model')))")
+    out = subprocess.run([sys.executable, "-c", code, str(RECIPE)], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_torch_free_registry_names_are_the_model_registries():
+    from llava_sft import registry
+    from llava_sft.model.projector import PROJECTORS
+    from llava_sft.model.vision import ENCODERS, register_vision_tower
+
+    assert set(PROJECTORS) == registry.PROJECTOR_NAMES and ENCODERS is registry.VISION_TOWERS
+
+    @register_vision_tower("my_tower_for_this_test")
+    class Mine:  # a user's encoder, registered from their own module: its name validates from then on
+        pass
+
+    assert "my_tower_for_this_test" in registry.vision_tower_names()
+    load_config(RECIPE, ["model.vision.name=my_tower_for_this_test"])
+    registry.REGISTERED_TOWERS.discard("my_tower_for_this_test")

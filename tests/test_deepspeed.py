@@ -25,6 +25,8 @@ from llava_sft.train.engines.deepspeed import DeepSpeedConfigError
 from llava_sft.train.trainer import train
 from tests.tiny import forward_passes, run_config
 
+pytestmark = pytest.mark.slow  # multi-process or full runs: `pytest -m 'not slow'` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs" / "deepspeed"
 REL = 1e-4

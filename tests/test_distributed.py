@@ -12,6 +12,8 @@ from data_prep.make_shapes import generate as make_shapes
 from llava_sft.config import save_config
 from tests.tiny import run_config
 
+pytestmark = pytest.mark.slow  # multi-process or full runs: `pytest -m 'not slow'` skips them
+
 
 def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

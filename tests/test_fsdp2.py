@@ -28,6 +28,8 @@ from llava_sft.train import checkpoint as ckpt
 from llava_sft.train.trainer import build, train
 from tests.tiny import run_config
 
+pytestmark = pytest.mark.slow  # multi-process or full runs: `pytest -m 'not slow'` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 REL = 1e-4
 

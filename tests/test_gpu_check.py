@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # multi-process or full runs: `pytest -m 'not slow'` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,8 @@ from llava_sft.preflight import sizing
 from llava_sft.preflight.rehearse import reference_lrs
 from llava_sft.train import memory
 
+pytestmark = pytest.mark.slow  # multi-process or full runs: `pytest -m 'not slow'` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs" / "llava_v1_5").glob("*.yaml")) + sorted((REPO / "configs" / "llava_v1").glob("*.yaml"))
 

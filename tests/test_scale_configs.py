@@ -20,6 +20,8 @@ from llava_sft.train.trainer import build, train
 from tests import test_deepspeed
 from tests.test_deepspeed import REL, ds_json, rows, stage2_from_pretrained, torchrun  # noqa: F401
 
+pytestmark = pytest.mark.slow  # multi-process or full runs: `pytest -m 'not slow'` skips them
+
 shapes = test_deepspeed.shapes  # the same module-scoped fixture
 
 

@@ -13,43 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llava_sft.model.lora import LoraSettings, attach_lora, is_adapter_param, is_lora, load_lora, quantization_config
+from llava_sft.config import LLMConfig, ModelConfig, VisionConfig, from_dict
+from llava_sft.model.lora import attach_lora, is_adapter_param, is_lora, load_lora, quantization_config
 from llava_sft.model.loss import loss_sum
 from llava_sft.model.packed_attention import llm_inputs
 from llava_sft.model.projector import build_projector
 from llava_sft.model.splice import splice_images
-from llava_sft.model.vision import VisionConfig, build_vision_tower
+from llava_sft.model.vision import build_vision_tower
 
 log = logging.getLogger(__name__)
 CONFIG_FILE, PROJECTOR_FILE, VISION_FILE, LLM_DIR = "llava_config.json", "projector.safetensors", "vision_tower.safetensors", "llm"
-
-
-@dataclass
-class LLMConfig:
-    path: str | None = None  # local HF model directory (or hub id where a hub is reachable)
-    config: dict | None = None  # or: build a randomly initialised model from this HF config dict
-    attn_implementation: str = "sdpa"  # "sdpa" (CPU/GPU), "flash_attention_2" (GPU, optional extra), "eager"
-    dtype: str = "float32"  # weights dtype at load time ("bfloat16" for large models under DeepSpeed)
-
-
-@dataclass
-class ModelConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    projector: str = "mlp2x_gelu"
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    tokenizer: str | None = None  # tokenizer directory; defaults to llm.path
-    tokenizer_use_fast: bool = False  # LLaVA uses the slow SentencePiece Llama tokenizer
-    image_aspect: str = "pad"  # "pad" (LLaVA-1.5) or "square" (resize + centre crop, LLaVA v1)
-    template: str = "vicuna_v1"  # chat template used at inference
-    system_prompt: str | None = None  # overrides the chat template's system prompt (training and inference)
-    lora: LoraSettings | None = None  # LoRA / QLoRA adapters on the LLM (see model/lora.py); None = full weights
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -276,7 +256,6 @@ class LlavaModel(nn.Module):
 
         A LoRA directory loads its base LLM from the path it names (or `base_llm`), then the adapter;
         `quantize=False` loads a QLoRA run's base in full precision (as merging does)."""
-        from llava_sft.config import from_dict
 
         model_dir = Path(model_dir)
         saved = json.loads((model_dir / CONFIG_FILE).read_text())

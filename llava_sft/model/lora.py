@@ -14,27 +14,13 @@ A LoRA run's model directory keeps the adapter (`llm/adapter_model.safetensors` 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from llava_sft.config import LoraSettings  # noqa: F401  (the schema lives in the torch-free config)
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoraSettings:
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    target_modules: list[str] | None = None  # None: every nn.Linear of the LLM except the output head
-    quantize: str | None = None  # None (LoRA) or "nf4" (QLoRA: 4-bit NF4 base weights, double quantisation)
-
-    def __post_init__(self):
-        if self.quantize not in (None, "nf4"):
-            raise ValueError(f"model.lora.quantize must be null or 'nf4', got {self.quantize!r}")
-        if self.r <= 0:
-            raise ValueError(f"model.lora.r must be positive, got {self.r}")
 
 
 def quantization_config(settings: LoraSettings | None, compute_dtype: torch.dtype):

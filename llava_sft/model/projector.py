@@ -8,14 +8,15 @@ LLaVA-1.5's). Add one with `@register_projector("name")` here, plus its golden c
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 from torch import nn
 
+from llava_sft import registry
+
 Builder = Callable[[int, int], nn.Module]
 PROJECTORS: dict[str, Builder] = {}
-_MLP = re.compile(r"^mlp(\d+)x_gelu$")
+_MLP = registry.MLP_PROJECTOR
 
 
 def register_projector(name: str) -> Callable[[Builder], Builder]:
@@ -23,6 +24,7 @@ def register_projector(name: str) -> Callable[[Builder], Builder]:
         if name in PROJECTORS:
             raise ValueError(f"projector {name!r} is registered twice")
         PROJECTORS[name] = builder
+        registry.PROJECTOR_NAMES.add(name)  # the config's check (torch-free) knows it from now on
         return builder
     return add
 

@@ -13,34 +13,21 @@ Freezing is the base class's (`freeze()`: no grad, eval mode kept even when the 
 towers are never handed to the optimizer.
 
 Adding an encoder = one small file in model/encoders/ with a `VisionTower` subclass + one line in `ENCODERS`
-below (or `@register_vision_tower("name")` on a class defined anywhere). See the README, "Add a vision encoder".
+below (or `@register_vision_tower("name")` on a class defined anywhere). See docs/encoders.md.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from llava_sft import registry
+from llava_sft.config import VisionConfig  # noqa: F401  (the schema lives in the torch-free config)
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class VisionConfig:
-    """Which encoder, which weights, which features. Saved with every checkpoint."""
-
-    name: str = "openclip"  # registry key (ENCODERS below)
-    model: str = "ViT-L-14-336"  # architecture: open_clip / timm model name, or HF model directory / hub id
-    pretrained: str | None = "openai"  # weights: open_clip tag, local file, HF directory / hub id; None = random init
-    cache_dir: str | None = None  # open_clip download cache (pre-filled for offline clusters)
-    model_config_file: str | None = None  # JSON architecture (open_clip model config, or HF config.json)
-    model_kwargs: dict | None = None  # architecture overrides (timm create_model kwargs, HF config fields)
-    quick_gelu: bool = True  # OpenAI CLIP was trained with QuickGELU; the features are wrong without it
-    select_layer: int = -2  # hidden-state index as in HF (-1 = last block, -2 = penultimate block)
-    select_feature: str = "patch"  # "patch" (CLS/prefix tokens dropped) or "cls_patch"
 
 
 class VisionTower(nn.Module):
@@ -87,14 +74,7 @@ class VisionTower(nn.Module):
         return super().train(False)
 
 
-# registry key -> "module:Class"; imported on first use, so an encoder's dependencies load only when it is used
-ENCODERS: dict[str, str] = {
-    "openclip": "llava_sft.model.encoders.openclip:OpenClipVisionTower",  # CLIP ViT-L/14(-336), default
-    "openclip_siglip": "llava_sft.model.encoders.openclip_siglip:OpenClipSiglipVisionTower",
-    "hf_clip": "llava_sft.model.encoders.hf_clip:HFClipVisionTower",
-    "hf_siglip": "llava_sft.model.encoders.hf_siglip:HFSiglipVisionTower",
-    "timm": "llava_sft.model.encoders.timm_vit:TimmViTVisionTower",  # e.g. DINOv2
-}
+ENCODERS = registry.VISION_TOWERS  # registry key -> "module:Class", imported on first use (llava_sft/registry.py)
 _REGISTRY: dict[str, Callable[[VisionConfig], VisionTower]] = {}
 
 
@@ -102,13 +82,14 @@ def register_vision_tower(name: str):
     """Class decorator registering an encoder defined outside `ENCODERS` (e.g. in a user's own module)."""
     def wrap(cls):
         _REGISTRY[name] = cls
+        registry.REGISTERED_TOWERS.add(name)  # a config naming it is valid from now on
         return cls
 
     return wrap
 
 
 def list_vision_towers() -> list[str]:
-    return sorted(set(ENCODERS) | set(_REGISTRY))
+    return registry.vision_tower_names()
 
 
 def get_vision_tower_class(name: str) -> Callable[[VisionConfig], VisionTower]:

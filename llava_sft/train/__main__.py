@@ -5,7 +5,7 @@ Single process:
     python -m llava_sft.train configs/llava_v1_5/stage2_finetune_7b.yaml train.lr=2e-5 data.max_length=1024
 All GPUs of a node (the global batch is kept constant through gradient accumulation):
     torchrun --nproc_per_node 8 -m llava_sft.train configs/llava_v1_5/stage1_pretrain_7b.yaml
-or simply `bash scripts/stage1.sh` then `bash scripts/stage2.sh` (see README). With `train.deepspeed=<json>`
+or simply `bash scripts/stage1.sh` then `bash scripts/stage2.sh` (README; docs/training.md). With `train.deepspeed=<json>`
 (configs/deepspeed/) the same torchrun command trains under DeepSpeed ZeRO-2/3; on a CPU-only machine
 DeepSpeed needs DS_ACCELERATOR=cpu (set automatically when unset).
 
