@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from llava_sft.eval import metrics as M
-from llava_sft.eval import score, score_choice, score_vqa
+from llava_sft.eval import score
+from llava_sft.eval.tasks import gqa, mmbench, seed, textvqa, vizwiz, vqav2
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "eval_fixtures"
 needs_fixtures = pytest.mark.skipif(
@@ -237,7 +238,7 @@ def test_textvqa_scorer_matches_rows_by_image_and_prompt_question(tmp_path):
     rows = [{"question_id": "img1", "prompt": "What brand?" + suffix, "text": "Sony."},
             {"question_id": "img1", "prompt": "What year?" + suffix, "text": "1999"}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = score_vqa.score_textvqa(tmp_path / "a.jsonl", tmp_path / "ann.json")
+    r = textvqa.score_textvqa(tmp_path / "a.jsonl", tmp_path / "ann.json")
     assert r["n"] == 2 and close(r["accuracy"], (1.0 + 0.6) / 2) and close(r["headline"], 80.0)
 
 
@@ -250,7 +251,7 @@ def test_vqav2_local_accuracy_and_submission(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": 1, "text": "Two."}) + "\n"
                                       + json.dumps({"question_id": 2, "text": "Yes"}) + "\nnot json\n")
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question_id": i}) + "\n" for i in (3, 1, 2)))
-    r = score_vqa.score_vqav2(tmp_path / "a.jsonl", tmp_path / "ann.json", tmp_path / "q.jsonl", tmp_path / "up.json")
+    r = vqav2.score_vqav2(tmp_path / "a.jsonl", tmp_path / "ann.json", tmp_path / "q.jsonl", tmp_path / "up.json")
     assert r["error_lines"] == 1 and r["n"] == 3 and r["n_missing_predictions"] == 1
     assert close(r["accuracy"], (1.0 + 0.6 + 0.0) / 3)
     assert r["per_answer_type"]["number"]["accuracy"] == 1.0 and close(r["per_answer_type"]["yes/no"]["accuracy"], 0.6)
@@ -279,7 +280,7 @@ def test_vizwiz_scorer_maps_question_ids_to_images(tmp_path):
     ann = [{"image": "v0.jpg", "answer_type": "unanswerable", "answers": [{"answer": "unanswerable"}] * 10},
            {"image": "v1.jpg", "answer_type": "other", "answers": [{"answer": "blue"}] + [{"answer": "navy"}] * 9}]
     (tmp_path / "ann.json").write_text(json.dumps(ann))
-    r = score_vqa.score_vizwiz(tmp_path / "a.jsonl", tmp_path / "q.jsonl", tmp_path / "ann.json", tmp_path / "up.json")
+    r = vizwiz.score_vizwiz(tmp_path / "a.jsonl", tmp_path / "q.jsonl", tmp_path / "ann.json", tmp_path / "up.json")
     assert close(r["accuracy"], (1.0 + 0.3) / 2) and r["per_answer_type"]["unanswerable"]["accuracy"] == 1.0
     assert json.loads((tmp_path / "up.json").read_text())[0] == {"image": "v0.jpg", "answer": "unanswerable"}
 
@@ -299,7 +300,7 @@ def test_gqa_scores_balanced_questions_and_kinds(tmp_path):
     (tmp_path / "q.json").write_text(json.dumps(questions))
     rows = [{"question_id": "1", "text": "Yes."}, {"question_id": "2", "text": "Dog"}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = score_vqa.score_gqa(tmp_path / "a.jsonl", tmp_path / "q.json", tmp_path / "pred.json")
+    r = gqa.score_gqa(tmp_path / "a.jsonl", tmp_path / "q.json", tmp_path / "pred.json")
     assert r["n"] == 2 and r["accuracy"] == 0.5 and r["per_kind"] == {"binary": 1.0, "open": 0.0}
     assert json.loads((tmp_path / "pred.json").read_text())[1] == {"questionId": "2", "prediction": "dog"}
     with pytest.raises(ValueError, match="no prediction"):
@@ -496,7 +497,7 @@ def test_mmbench_scorer_maps_rotated_letters_back(tmp_path):
         return lambda shown: "ABCD"[shown.index(name)]
     faithful = _rounds(0, ["cat", "dog", "bird", "fish"], list("ABCD"), letter_of("dog"))
     faithful += _rounds(1, ["red", "blue"], list("AB"), letter_of("red"))
-    r = score_choice.score_mmbench(*_write_mmbench(tmp_path, faithful), submission=tmp_path / "sub.tsv")
+    r = mmbench.score_mmbench(*_write_mmbench(tmp_path, faithful), submission=tmp_path / "sub.tsv")
     assert r["n_questions"] == 2 and r["n_variants"] == 6 and r["overall"] == 1.0 and r["headline"] == 100.0
     sub = list(csv.DictReader((tmp_path / "sub.tsv").open(), delimiter="\t"))
     assert list(sub[0]) == ["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"]
@@ -504,10 +505,10 @@ def test_mmbench_scorer_maps_rotated_letters_back(tmp_path):
     # always "B": right only in round 0 of question 0 -> circular 0, single pass 1/2
     biased = _rounds(0, ["cat", "dog", "bird", "fish"], list("ABCD"), lambda s: "B")
     biased += _rounds(1, ["red", "blue"], list("AB"), lambda s: "B")
-    r = score_choice.score_mmbench(*_write_mmbench(tmp_path, biased))
+    r = mmbench.score_mmbench(*_write_mmbench(tmp_path, biased))
     assert r["overall"] == 0.0 and r["single_pass_accuracy"] == 0.5 and r["per_category"] == {"colour": 0.0, "pets": 0.0}
     # a missing rotation makes the question wrong
-    r = score_choice.score_mmbench(*_write_mmbench(tmp_path, faithful[:3] + faithful[4:]))
+    r = mmbench.score_mmbench(*_write_mmbench(tmp_path, faithful[:3] + faithful[4:]))
     assert r["n_unanswered_variants"] == 1 and r["overall"] == 0.5
 
 
@@ -515,13 +516,13 @@ def test_mmbench_tsv_copies_are_variants_and_submission_without_annotations(tmp_
     ann = [{"index": "5", "A": "x", "B": "y", "answer": "A", "category": "c"},
            {"index": "1000005", "A": "y", "B": "x", "answer": "B", "category": "c"}]
     answers = [{"question_id": 5, "round_id": 0, "text": "A"}, {"question_id": 1000005, "round_id": 0, "text": "A"}]
-    variants, unknown = score_choice.mmbench_variants(answers, ann)
+    variants, unknown = mmbench.mmbench_variants(answers, ann)
     assert [v["group"] for v in variants] == [5, 5] and unknown == 0
     assert M.mmbench_circular(variants)["overall"] == 0.0
     answers[1]["text"] = "B"
-    assert M.mmbench_circular(score_choice.mmbench_variants(answers, ann)[0])["overall"] == 1.0
+    assert M.mmbench_circular(mmbench.mmbench_variants(answers, ann)[0])["overall"] == 1.0
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
-    r = score_choice.score_mmbench(tmp_path / "a.jsonl", submission=tmp_path / "p.json")
+    r = mmbench.score_mmbench(tmp_path / "a.jsonl", submission=tmp_path / "p.json")
     assert r["headline"] is None
     assert json.loads((tmp_path / "p.json").read_text()) == [{"index": 5, "prediction": "A"},
                                                              {"index": 1000005, "prediction": "B"}]
@@ -537,7 +538,7 @@ def test_seed_scores_exact_letter_match_on_image_subset(tmp_path):
     (tmp_path / "seed.json").write_text(json.dumps(data))
     answers = [{"question_id": 1, "text": "A"}, {"question_id": 2, "text": "B."}, {"question_id": 4, "text": "D"}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
-    r = score_choice.score_seed(tmp_path / "a.jsonl", tmp_path / "seed.json", tmp_path / "up.jsonl")
+    r = seed.score_seed(tmp_path / "a.jsonl", tmp_path / "seed.json", tmp_path / "up.jsonl")
     assert close(r["image_accuracy"], 100 / 3) and r["video_accuracy"] == 100.0 and r["accuracy"] == 50.0
     assert close(r["per_type"]["Scene Understanding"], 100 / 3) and r["missing"] == 1
     assert close(r["headline"], 100 / 3)
