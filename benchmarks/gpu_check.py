@@ -119,6 +119,7 @@ def vision_config(args):
 
 
 def stage2_step(args, work: Path, device, checkpointing: bool = True) -> dict:
+    fsdp2 = args.engine == "fsdp2"
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from data_prep.make_shapes import generate as make_shapes
@@ -127,7 +128,7 @@ def stage2_step(args, work: Path, device, checkpointing: bool = True) -> dict:
     from llava_sft.train import memory
 
     shape = dict(TINY if args.smoke else VICUNA_7B, num_hidden_layers=args.layers)
-    run = "run" if checkpointing else "run_no_checkpointing"
+    run = ("run" if checkpointing else "run_no_checkpointing") + ("_fsdp2" if args.engine == "fsdp2" else "")
     llm_dir, tok_dir, data = work / "llm", work / "tokenizer", work / "data"
     if not (llm_dir / "config.json").exists():
         config = AutoConfig.for_model(**shape)
@@ -140,7 +141,7 @@ def stage2_step(args, work: Path, device, checkpointing: bool = True) -> dict:
     if not (data / "stage2.json").exists():
         make_shapes(data, seed=0, image_size=image_size, n_stage1=4, n_stage2=args.micro * (args.steps + 1), n_eval=2,
                     text_only_frac=0.06)
-    deepspeed = None if args.smoke or not deepspeed_works() else "configs/deepspeed/zero3.json"
+    deepspeed = None if args.smoke or fsdp2 or not deepspeed_works() else "configs/deepspeed/zero3.json"
     vision = vision_config(args)
     cfg = from_dict(RunConfig, {
         "run_name": "gpu_check",
@@ -148,14 +149,15 @@ def stage2_step(args, work: Path, device, checkpointing: bool = True) -> dict:
                              "model_config_file": vision.model_config_file},
                   # without DeepSpeed nothing keeps fp32 master weights of a bf16 LLM, and the trainer refuses
                   # (check_master_weights): then the weights are fp32 and train.bf16 computes in bf16
-                  "llm": {"path": str(llm_dir), "dtype": "bfloat16" if deepspeed else "float32",
+                  # (FSDP2 upcasts to fp32 masters itself: the LLM loads in bf16, as the recipes load it)
+                  "llm": {"path": str(llm_dir), "dtype": "bfloat16" if deepspeed or fsdp2 and not args.smoke else "float32",
                           "attn_implementation": "flash_attention_2" if flash_available() else "sdpa"},
                   "tokenizer": str(tok_dir), "projector": "mlp2x_gelu"},
         "data": {"path": str(data / "stage2.json"), "image_folder": str(data / "images"), "template": "vicuna_v1",
                  "max_length": 2048, "num_workers": 2},
         "train": {"output_dir": str(work / run), "train_projector": True, "train_llm": True, "lr": 2e-5,
                   "global_batch_size": args.micro, "micro_batch_size": args.micro, "max_steps": args.steps,
-                  "warmup_ratio": 0.0, "gradient_checkpointing": checkpointing, "resume": "never", "deepspeed": deepspeed,
+                  "warmup_ratio": 0.0, "gradient_checkpointing": checkpointing, "resume": "never", "deepspeed": deepspeed, "engine": "fsdp2" if fsdp2 else "auto",
                   "device": "cpu" if args.smoke else "cuda", "save_every_minutes": 0},
     })
     config = work / f"{run}.yaml"
@@ -177,9 +179,10 @@ def stage2_step(args, work: Path, device, checkpointing: bool = True) -> dict:
     hidden = shape["hidden_size"]
     projector = 1024 * hidden + hidden * hidden if not args.smoke else 64 * hidden + hidden * hidden
     seq = max(1, round(sum(r["tokens"] for r in later) / sum(r["samples"] for r in later)))
-    predicted = memory.predicted_states_gb("full", "zero3" if deepspeed else "ddp", 1, llm, vision_params, projector,
-                                           0, deepspeed is not None) + memory.predicted_activations_gb(llm, args.micro, seq, checkpointing, True)
-    return {"ok": True, "engine": "zero3" if deepspeed else "plain", "checkpointing": checkpointing, "layers": args.layers, "micro": args.micro,
+    engine = "fsdp2" if fsdp2 else "zero3" if deepspeed else "ddp"
+    predicted = memory.predicted_states_gb("full", engine, 1, llm, vision_params, projector, 0,
+                                           deepspeed is not None or fsdp2) + memory.predicted_activations_gb(llm, args.micro, seq, checkpointing, True)
+    return {"ok": True, "engine": engine, "checkpointing": checkpointing, "layers": args.layers, "micro": args.micro,
             "mean_tokens_per_sample": seq, "peak_mem_gb": max(r["peak_mem_gb"] for r in rows if "peak_mem_gb" in r),
             "predicted_gb": round(predicted, 2), "tokens_per_s": round(sum(r["tokens_per_s"] for r in later) / len(later)),
             "mfu": later[-1].get("mfu"), "hfu": later[-1].get("hfu"), "wall_s": round(time.time() - t0)}
@@ -240,6 +243,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/llava_sft_gpu_check"))
     ap.add_argument("--json", type=Path, default=Path("gpu_check.json"))
     ap.add_argument("--only", nargs="+", choices=CHECKS, help="run these checks alone (default: all)")
+    ap.add_argument("--engine", choices=["auto", "fsdp2"], default="auto",
+                    help="the Stage-2 steps' engine: auto = ZeRO-3 where DeepSpeed works, else one plain process")
     args = ap.parse_args()
     if args.smoke:
         args.layers, args.micro, args.steps = 2, 2, 2
