@@ -152,3 +152,22 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_merges(llama_tokenizer_dir, sh
     merged = merge_lora(run_dir, tmp_path / "merged")
     plain, _, _ = LlavaModel.from_pretrained(merged)
     assert not plain.quantized
+
+
+def test_plain_lora_never_imports_bitsandbytes(base_llm, tmp_path):
+    """peft looks for bitsandbytes layers whenever bitsandbytes is installed, and importing it prints kernel / GPU
+    warnings; a LoRA run (and loading its adapter back) quantizes nothing, so bitsandbytes must stay unimported."""
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from llava_sft.model.lora import LoraSettings, attach_lora, load_lora\n"
+        f"llm = attach_lora(AutoModelForCausalLM.from_pretrained({str(base_llm)!r}), LoraSettings(r=4, alpha=8))\n"
+        f"llm.save_pretrained({str(tmp_path / 'adapter')!r})\n"
+        f"load_lora(AutoModelForCausalLM.from_pretrained({str(base_llm)!r}), {str(tmp_path / 'adapter')!r})\n"
+        "print('bitsandbytes' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert "gemm_4bit" not in out.stderr

@@ -75,10 +75,10 @@ class BatchPlan:
         """This rank's micro-batches of one global batch."""
         share = self.global_batch_size // self.world_size
         if self.strided_shares:
-            mine = global_batch[self.rank::self.world_size]
+            share_of_rank = global_batch[self.rank::self.world_size]
         else:
-            mine = global_batch[self.rank * share:(self.rank + 1) * share]
-        return [mine[i:i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)]
+            share_of_rank = global_batch[self.rank * share:(self.rank + 1) * share]
+        return [share_of_rank[i:i + self.micro_batch_size] for i in range(0, share, self.micro_batch_size)]
 
     def epoch_steps(self, epoch: int, start: int, collate: Callable, num_workers: int,
                     dataset) -> Iterator[list[dict]]:

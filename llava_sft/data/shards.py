@@ -180,19 +180,19 @@ class ShardDataset(IterableDataset):
 
     def _positions(self, epoch: int, worker: int, num_workers: int) -> list[tuple[int, list[int]]]:
         """[(shard index, [positions in the shard])] this worker reads this epoch, in reading order."""
-        m, mine = self.world_size * num_workers, self.rank + self.world_size * worker
+        m, stream_slot = self.world_size * num_workers, self.rank + self.world_size * worker
         order = self.shard_order(epoch)
         plan, offsets, offset = [], [], 0
         for s in order:
             n = self.shards[s][1]
             offsets.append(offset)
-            positions = list(range((mine - offset) % m, n, m))
+            positions = list(range((stream_slot - offset) % m, n, m))
             if positions:
                 plan.append((s, positions))
             offset += n
         # pad_ranks: virtual samples g in [N, padded) repeat sample g - N (the first ones of the epoch)
         for g in range(self.num_samples, self._padded_total()):
-            if g % m == mine:
+            if g % m == stream_slot:
                 k, h = 0, g - self.num_samples
                 while h >= self.shards[order[k]][1]:
                     h -= self.shards[order[k]][1]

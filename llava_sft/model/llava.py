@@ -222,7 +222,7 @@ class LlavaModel(nn.Module):
         payload.update(extra or {})
         (out_dir / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
 
-    def load_projector(self, path: str | Path) -> None:
+    def load_projector(self, path: str | Path, quiet: bool = False) -> None:
         """Load a Stage-1 projector (a directory or the .safetensors file); fail clearly if it does not fit."""
         path = Path(path)
         file = path / PROJECTOR_FILE if path.is_dir() else path
@@ -247,7 +247,8 @@ class LlavaModel(nn.Module):
                 f"keys {sorted(state)} vs {sorted(expected)}, shape mismatches {bad}"
             )
         self.projector.load_state_dict(state)
-        log.info("loaded pretrained projector from %s", file)
+        if not quiet:  # a Stage-1 projector for a new run (from_pretrained says what it loads itself)
+            log.info("loaded pretrained projector from %s", file)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu", base_llm: str | None = None,
@@ -276,7 +277,9 @@ class LlavaModel(nn.Module):
         if cfg.lora is not None:
             model.llm = load_lora(model.llm, str(model_dir / LLM_DIR))
         model.vision_tower.load_state_dict(load_file(str(model_dir / VISION_FILE)))
-        model.load_projector(model_dir)
+        model.load_projector(model_dir, quiet=True)
+        log.info("loaded the trained model in %s (vision tower, projector, %s)", model_dir,
+                 "LoRA adapters on the base LLM " + cfg.llm.path if cfg.lora is not None else "LLM")
         tokenizer = load_tokenizer(str(model_dir / LLM_DIR), use_fast=cfg.tokenizer_use_fast)
         return model.to_device(device).eval(), tokenizer, saved
 

@@ -13,6 +13,7 @@ A LoRA run's model directory keeps the adapter (`llm/adapter_model.safetensors` 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -46,7 +47,8 @@ def attach_lora(llm: nn.Module, settings: LoraSettings, gradient_checkpointing: 
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules or "all-linear", bias="none", task_type="CAUSAL_LM")
-    llm = get_peft_model(llm, config)
+    with _bitsandbytes_only_if_quantized(llm):
+        llm = get_peft_model(llm, config)
     trainable = sum(p.numel() for p in llm.parameters() if p.requires_grad)
     log.info("LoRA r=%d alpha=%d dropout=%.2f on %s: %s adapter parameters%s", settings.r, settings.alpha,
              settings.dropout, settings.target_modules or "every linear layer of the LLM", f"{trainable:,}",
@@ -54,10 +56,32 @@ def attach_lora(llm: nn.Module, settings: LoraSettings, gradient_checkpointing: 
     return llm
 
 
+@contextlib.contextmanager
+def _bitsandbytes_only_if_quantized(llm: nn.Module):
+    """peft checks every adapted layer against bitsandbytes' classes whenever bitsandbytes is installed, importing it
+    -- which prints kernel / GPU warnings ("Failed to load CPU gemm_4bit_forward ...") in a run that quantizes
+    nothing. A model that was not loaded in 4 or 8 bits has no bitsandbytes layer, so the check is switched off while
+    the adapters are attached (peft 0.17: peft.tuners.lora.model's availability flags; absent names are left)."""
+    if getattr(llm, "is_loaded_in_4bit", False) or getattr(llm, "is_loaded_in_8bit", False):
+        yield
+        return
+    import peft.tuners.lora.model as lora_model
+
+    saved = {n: getattr(lora_model, n) for n in ("is_bnb_available", "is_bnb_4bit_available") if hasattr(lora_model, n)}
+    for name in saved:
+        setattr(lora_model, name, lambda: False)
+    try:
+        yield
+    finally:
+        for name, flag in saved.items():
+            setattr(lora_model, name, flag)
+
+
 def load_lora(llm: nn.Module, adapter_dir: str) -> nn.Module:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(llm, adapter_dir)
+    with _bitsandbytes_only_if_quantized(llm):
+        return PeftModel.from_pretrained(llm, adapter_dir)
 
 
 def is_lora(llm: nn.Module) -> bool:

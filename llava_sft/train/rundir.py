@@ -35,7 +35,7 @@ def _alive(pid: int) -> bool:
 class RunDirLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
-        self.mine = {"host": socket.gethostname(), "pid": os.getpid(),
+        self.owner_record = {"host": socket.gethostname(), "pid": os.getpid(),
                      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
     def acquire(self) -> "RunDirLock":
@@ -50,7 +50,7 @@ class RunDirLock:
                 raise RunDirLocked(f"cannot write {self.path} ({e.strerror or e}): train.output_dir must be a "
                                    f"writable directory") from e
             with os.fdopen(fd, "w") as f:
-                json.dump(self.mine, f)
+                json.dump(self.owner_record, f)
             return self
         raise RunDirLocked(f"{self.path.parent} is being taken by another run at the same moment; use another "
                            f"train.output_dir")
@@ -61,7 +61,7 @@ class RunDirLock:
         except (OSError, ValueError):
             owner = {}
         where = f"{owner.get('host', '?')} PID {owner.get('pid', '?')}, started {owner.get('started', '?')}"
-        if owner.get("host") == self.mine["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+        if owner.get("host") == self.owner_record["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
             log.warning("%s: taking over the lock of a run that no longer exists (%s)", self.path, where)
             self.path.unlink(missing_ok=True)
             return
@@ -69,7 +69,7 @@ class RunDirLock:
             log.warning("%s: taking over an unreadable lock file older than a minute", self.path)
             self.path.unlink(missing_ok=True)
             return
-        if owner.get("host") == self.mine["host"] or not owner:
+        if owner.get("host") == self.owner_record["host"] or not owner:
             raise RunDirLocked(f"another run is using {self.path.parent} ({where}): wait for it, or choose another "
                                f"train.output_dir")
         raise RunDirLocked(f"{self.path.parent} is locked by a run on {where}; if that job is gone, delete "
@@ -77,7 +77,7 @@ class RunDirLock:
 
     def release(self) -> None:
         try:
-            if json.loads(self.path.read_text()).get("pid") == self.mine["pid"]:
+            if json.loads(self.path.read_text()).get("pid") == self.owner_record["pid"]:
                 self.path.unlink()
         except (OSError, ValueError):
             pass

@@ -90,7 +90,7 @@ class RunState:
 
     def restore(self, path: Path, engine, model) -> None:
         """Load a periodic checkpoint for an exact continuation."""
-        state, mine = ckpt.load_checkpoint(path, self.rank)
+        state, this_rank = ckpt.load_checkpoint(path, self.rank)
         saved, now = state["config"], to_dict(self.cfg)
         for key in RESUME_MUST_MATCH + (STREAM_MUST_MATCH if self.cfg.data.shards else ()):
             section, name = key.split(".")
@@ -107,12 +107,12 @@ class RunState:
             raise ValueError(f"cannot resume from {path}: the data gave {expected} steps per epoch then and "
                              f"{self.plan.steps_per_epoch} now (the dataset changed)")
         engine.restore(state, path, model)  # weights, optimizer, schedule (collective for sharded engines)
-        ckpt.set_rng_state(mine["rng"])
-        report, mine_report = self.report, mine.get("report", {})
+        ckpt.set_rng_state(this_rank["rng"])
+        report, saved_report = self.report, this_rank.get("report", {})
         del report.skipped[self.startup_skips:]
-        report.skipped.extend(tuple(x) for x in mine_report.get("skipped", []))
-        report.truncated = mine_report.get("truncated", 0)
-        report.converted_images = mine_report.get("converted_images", 0)
+        report.skipped.extend(tuple(x) for x in saved_report.get("skipped", []))
+        report.truncated = saved_report.get("truncated", 0)
+        report.converted_images = saved_report.get("converted_images", 0)
         self.step = state["step"]
         log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", path, state["step"],
                  state["data_position"]["epoch"], state["data_position"]["step_in_epoch"])
@@ -129,10 +129,10 @@ class RunState:
                                          "steps_per_epoch": self.plan.steps_per_epoch},
                        "config": to_dict(self.cfg), "data_fingerprint": data_fingerprint(self.cfg)}
             payload.update(engine.checkpoint_state(model))
-        mine = {"rng": ckpt.rng_state(),
+        this_rank = {"rng": ckpt.rng_state(),
                 "report": {"skipped": self.report.skipped[self.startup_skips:], "truncated": self.report.truncated,
                            "converted_images": self.report.converted_images}}
-        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, payload, self.cfg.train.keep_last, mine,
+        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, payload, self.cfg.train.keep_last, this_rank,
                                     self.rank, self.world, write_collective=engine.write_checkpoint)
         if self.rank == 0:
             log.info("saved checkpoint %s", path)
@@ -153,9 +153,9 @@ class RunState:
         if self.world == 1:
             return
         report = self.report
-        mine = (report.skipped[self.startup_skips:], report.truncated, report.converted_images)
+        this_rank = (report.skipped[self.startup_skips:], report.truncated, report.converted_images)
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, mine)
+        dist.all_gather_object(gathered, this_rank)
         del report.skipped[self.startup_skips:]
         for skipped, _, _ in gathered:
             report.skipped.extend(skipped)

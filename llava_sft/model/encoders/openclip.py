@@ -6,6 +6,7 @@ otherwise retry the hub for about a minute and then fail with an error that does
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -95,6 +96,27 @@ def pretrained_problem(cfg: VisionConfig, lookup: WeightsLookup | None = None) -
     return None
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning(pretrained):
+    """open_clip warns "No pretrained weights loaded ... Model initialized randomly" whenever `pretrained` is None --
+    also when a trained model's tower is built only to receive its saved weights a moment later
+    (LlavaModel.from_pretrained), where the warning is false. Our own log line says where the weights come from."""
+    if pretrained:
+        yield
+        return
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 class OpenClipVisionTower(VisionTower):
     def __init__(self, cfg: VisionConfig):
         super().__init__(cfg)
@@ -108,10 +130,11 @@ class OpenClipVisionTower(VisionTower):
         if problem and problem[0] == "error":  # missing file, or offline and not cached: fail now, not after retries
             raise FileNotFoundError(problem[1])
         try:
-            clip = open_clip.create_model(
-                cfg.model, pretrained=pretrained, force_quick_gelu=cfg.quick_gelu, cache_dir=cfg.cache_dir or None,
-                require_pretrained=bool(pretrained), **(cfg.model_kwargs or {}),
-            )
+            with _without_random_init_warning(pretrained):
+                clip = open_clip.create_model(
+                    cfg.model, pretrained=pretrained, force_quick_gelu=cfg.quick_gelu,
+                    cache_dir=cfg.cache_dir or None, require_pretrained=bool(pretrained), **(cfg.model_kwargs or {}),
+                )
         except Exception as e:
             if lookup.kind != "tag":
                 raise
@@ -131,9 +154,9 @@ class OpenClipVisionTower(VisionTower):
         mean, std = getattr(self.visual, "image_mean", None), getattr(self.visual, "image_std", None)
         self.image_mean, self.image_std = tuple(mean or OPENAI_CLIP_MEAN), tuple(std or OPENAI_CLIP_STD)
         log.info(
-            "vision tower %s (pretrained=%s, quick_gelu=%s): %d px, %d patches, width %d, features of block %d/%d",
-            cfg.model, pretrained, cfg.quick_gelu, self.image_size, self.num_patches, self.hidden_size,
-            self.block_index + 1, depth,
+            "vision tower %s (weights: %s, quick_gelu=%s): %d px, %d patches, width %d, features of block %d/%d",
+            cfg.model, pretrained or "random init",
+            cfg.quick_gelu, self.image_size, self.num_patches, self.hidden_size, self.block_index + 1, depth,
         )
 
     @torch.no_grad()

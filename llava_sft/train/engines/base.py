@@ -23,6 +23,7 @@ micro-batch's loss by world / (global supervised tokens) and accumulation equals
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 
 import torch
@@ -53,6 +54,14 @@ class Engine:
     # --------------------------------------------------------------------------------------- set-up
     def init_distributed(self, cuda: bool) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def name_the_device_for_deepspeed(cuda: bool) -> None:
+        """transformers imports accelerate, which imports DeepSpeed whenever it is installed, and saving a model asks
+        DeepSpeed for its accelerator: on a machine without a GPU that logged "Setting accelerator to CPU. If you
+        have GPU ... we were unable to detect it" in runs that use no DeepSpeed at all. Naming the device spares
+        the detection (a value the user set is kept)."""
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
 
     def before_model_build(self) -> None:
         pass

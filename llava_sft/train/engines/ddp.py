@@ -30,6 +30,7 @@ class DDPEngine(Engine):
         return engine
 
     def init_distributed(self, cuda: bool) -> None:
+        self.name_the_device_for_deepspeed(cuda)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if cuda else "gloo")
 

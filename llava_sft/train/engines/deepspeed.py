@@ -49,7 +49,7 @@ class DeepSpeedConfigError(ValueError):
     pass
 
 
-def resolve_config(path: str | Path, t_cfg, world: int, cuda: bool, quantized: bool = False) -> dict:
+def resolve_config(path: str | Path, train_cfg, world: int, cuda: bool, quantized: bool = False) -> dict:
     """The DeepSpeed JSON with our values filled in; a clear error for anything that contradicts them."""
     path = Path(path)
     if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
@@ -66,13 +66,13 @@ def resolve_config(path: str | Path, t_cfg, world: int, cuda: bool, quantized: b
             raise DeepSpeedConfigError(
                 f"train.deepspeed: {path} has an {section!r} section; remove it: the trainer owns the {section} "
                 f"({ours}), and DeepSpeed's would silently replace it")
-    if t_cfg.global_batch_size % (world * t_cfg.micro_batch_size):
+    if train_cfg.global_batch_size % (world * train_cfg.micro_batch_size):
         raise DeepSpeedConfigError(
-            f"train.global_batch_size={t_cfg.global_batch_size} is not a multiple of world size {world} x "
-            f"train.micro_batch_size={t_cfg.micro_batch_size}")
-    ours = {"train_batch_size": t_cfg.global_batch_size, "train_micro_batch_size_per_gpu": t_cfg.micro_batch_size,
-            "gradient_accumulation_steps": t_cfg.global_batch_size // (world * t_cfg.micro_batch_size),
-            "gradient_clipping": float(t_cfg.grad_clip)}
+            f"train.global_batch_size={train_cfg.global_batch_size} is not a multiple of world size {world} x "
+            f"train.micro_batch_size={train_cfg.micro_batch_size}")
+    ours = {"train_batch_size": train_cfg.global_batch_size, "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
+            "gradient_accumulation_steps": train_cfg.global_batch_size // (world * train_cfg.micro_batch_size),
+            "gradient_clipping": float(train_cfg.grad_clip)}
     for key, value in ours.items():
         given = cfg.get(key, "auto")
         if given != "auto" and (isinstance(given, bool) or not isinstance(given, (int, float)) or given != value):
@@ -85,7 +85,7 @@ def resolve_config(path: str | Path, t_cfg, world: int, cuda: bool, quantized: b
     cfg.pop("fp16", None)
     bf16 = cfg.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = bool(t_cfg.bf16 and cuda)
+        bf16["enabled"] = bool(train_cfg.bf16 and cuda)
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         raise DeepSpeedConfigError(f"train.deepspeed: {path} has zero_optimization.stage={stage!r}; use 1, 2 or 3")
@@ -171,13 +171,13 @@ class DeepSpeedEngine(Engine):
             llm = list(model.llm.parameters())
             log.info("ZeRO-3: %d of %d LLM parameter tensors were loaded partitioned (HfDeepSpeedConfig / zero.Init); "
                      "the frozen vision tower is kept whole on every rank", sum(hasattr(p, "ds_id") for p in llm), len(llm))
-        t_cfg = self.train_cfg
+        train_cfg = self.train_cfg
         groups = make_groups(model)
         if optimizer_offloaded(self.config) and torch.cuda.is_available():
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, lr=t_cfg.lr, betas=tuple(t_cfg.adam_betas),
-                                         eps=t_cfg.adam_eps)
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
+                                         eps=train_cfg.adam_eps)
         else:
             optimizer = self.adamw(groups)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

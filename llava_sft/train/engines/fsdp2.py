@@ -50,6 +50,7 @@ class FSDP2Engine(Engine):
     def init_distributed(self, cuda: bool) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
+        self.name_the_device_for_deepspeed(cuda)
         if "WORLD_SIZE" not in os.environ:  # `python -m llava_sft.train` without torchrun: a 1-rank group
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
