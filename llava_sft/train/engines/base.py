@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable
 
 import torch
@@ -54,6 +55,19 @@ class Engine:
     # --------------------------------------------------------------------------------------- set-up
     def init_distributed(self, cuda: bool) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def lone_process_environment() -> None:
+        """`python -m llava_sft.train` without torchrun: the environment of a 1-rank group on a free local port, for
+        the engines whose process group is needed even alone (DeepSpeed, FSDP2)."""
+        if "WORLD_SIZE" in os.environ:
+            return
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
 
     @staticmethod
     def name_the_device_for_deepspeed(cuda: bool) -> None:

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -112,13 +111,7 @@ def init_distributed(cuda: bool) -> None:
     """deepspeed.init_distributed from the torchrun environment (a lone process gets a 1-rank group)."""
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "WORLD_SIZE" not in os.environ:  # `python -m llava_sft.train` without torchrun
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
+    Engine.lone_process_environment()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)

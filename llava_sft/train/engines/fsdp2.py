@@ -17,8 +17,6 @@ gradient is ever held). QLoRA's 4-bit weights cannot be sharded here: use DDP or
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,13 +49,7 @@ class FSDP2Engine(Engine):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.name_the_device_for_deepspeed(cuda)
-        if "WORLD_SIZE" not in os.environ:  # `python -m llava_sft.train` without torchrun: a 1-rank group
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(port))
+        self.lone_process_environment()
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if cuda else "gloo")
         kind, shard = "cuda" if cuda else "cpu", self.train_cfg.fsdp_shard_size or self.world
