@@ -133,3 +133,23 @@ def test_bytelevel_round_trip(llama3_tok, chatml_tok, text):
 def test_bytelevel_rejects_unknown_special(tmp_path):
     with pytest.raises(ValueError):
         train_bytelevel_tokenizer(["x"], tmp_path, special_tokens=["<eos>"], bos_token="<bos>", eos_token="<eos>")
+
+
+def test_too_small_a_vocabulary_is_refused_with_the_minimum_sentencepiece_needs(tmp_path, monkeypatch):
+    import llava_sft.data.tokenizer_train as tt
+
+    texts = ["a red circle on the left", "the blue square is big, 3 of them"]
+    minimum = tt.minimum_llama_vocab_size(tt._training_lines(texts))
+    with pytest.raises(ValueError, match=f"minimum of {minimum} .* at least {minimum}"):
+        train_llama_tokenizer(texts, tmp_path / "a", vocab_size=minimum - 1)
+    # The minimum is SentencePiece's own: without our check it refuses one piece less and accepts exactly it.
+    monkeypatch.setattr(tt, "minimum_llama_vocab_size", lambda lines: 0)
+    with pytest.raises(RuntimeError, match="smaller than required_chars"):
+        train_llama_tokenizer(texts, tmp_path / "b", vocab_size=minimum - 1)
+    train_llama_tokenizer(texts, tmp_path / "c", vocab_size=minimum)
+
+
+def test_byte_level_vocabulary_below_its_alphabet_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="minimum of 258 .* at least 258"):
+        train_bytelevel_tokenizer(["some text"], tmp_path, vocab_size=257, special_tokens=["<s>", "</s>"],
+                                  bos_token="<s>", eos_token="</s>")

@@ -29,7 +29,9 @@ def test_clean_data_passes_and_lengths_match_the_training_dataset(llama_tokenize
                for i in range(len(dataset))]
     assert report["lengths"]["total"]["max"] == max(lengths)
     assert report["modality"] == {"image": sum(dataset.has_image(i) for i in range(len(dataset))),
-                                  "text_only": sum(not dataset.has_image(i) for i in range(len(dataset)))}
+                                  "text_only": sum(not dataset.has_image(i) for i in range(len(dataset))),
+                                  "malformed": 0}
+    assert report["clean_samples"] == report["samples"] == len(dataset)
     cfg_file = tmp_path / "cfg.yaml"
     save_config(cfg, cfg_file)
     assert main([str(cfg_file)]) == 0
@@ -58,6 +60,41 @@ def test_every_problem_kind_is_reported_with_its_sample(llama_tokenizer_dir, dat
     save_config(cfg, cfg_file)
     assert main([str(cfg_file), "--decode-images", "--report", str(tmp_path / "r.json")]) == 1
     assert json.loads((tmp_path / "r.json").read_text())["problems"]["missing"]["count"] == 1
+
+
+def test_the_report_counts_add_up(llama_tokenizer_dir, data, tmp_path, capsys):
+    """Every sample lands in exactly one of image / text-only / malformed, and the samples with a problem are
+    counted once however many problems they have (here: 7 samples, one with two missing images)."""
+    records = json.loads((data / "stage2.json").read_text())
+    with_image = [r for r in records if "image" in r]
+    text_only = [r for r in records if "image" not in r]
+    with_image[0]["image"] = ["nope.png", "nope2.png"]                    # 2 missing files, 1 sample...
+    with_image[0]["conversations"][0]["value"] += " <image>"              # ...with its two placeholders
+    with_image[1]["conversations"] = with_image[1]["conversations"][:1]   # malformed
+    text_only[0]["conversations"] = text_only[0]["conversations"][:1]     # malformed (text-only)
+    with_image[2]["id"] = with_image[3]["id"] = with_image[4]["id"]       # one id shared by 3 samples
+    with_image[5]["image"] = "gone.png"                                   # missing, and...
+    with_image[5]["id"] = with_image[6]["id"]                             # ...a duplicate: counted once
+    (data / "stage2.json").write_text(json.dumps(records))
+    cfg = run_config(llama_tokenizer_dir, data, tmp_path / "run", stage=2)
+    report = validate(cfg, workers=1, progress=False)
+    split = report["modality"]
+    assert split["malformed"] == 2
+    assert split["image"] == len(with_image) - 1 and split["text_only"] == len(text_only) - 1
+    assert split["image"] + split["text_only"] + split["malformed"] == report["samples"] == len(records)
+    problems = report["problems"]
+    assert (problems["missing"]["count"], problems["missing"]["samples"]) == (3, 2)
+    assert (problems["duplicate"]["count"], problems["duplicate"]["samples"]) == (2, 5)
+    assert problems["structure"]["samples"] == 2
+    assert report["samples_with_problems"] == 8  # 0, 1, text 0, 2-4, 5-6: 1 + 1 + 1 + 3 + 2
+    assert report["clean_samples"] == len(records) - 8
+    cfg_file = tmp_path / "cfg.yaml"
+    save_config(cfg, cfg_file)
+    main([str(cfg_file)])
+    out = capsys.readouterr().out
+    assert f"{len(records)} samples = {split['image']} with images + {split['text_only']} text-only + 2 malformed" in out
+    assert "missing: 3 image files in 2 samples" in out and "duplicate: 2 ids in 5 samples" in out
+    assert f"samples with a problem: 8, clean: {len(records) - 8}" in out
 
 
 def test_overlong_fails_the_run_only_when_it_would_drop(llama_tokenizer_dir, data, tmp_path):

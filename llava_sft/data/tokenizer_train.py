@@ -50,23 +50,36 @@ def _training_lines(texts: Iterable[str]) -> list[str]:
     return lines + list(_SCAFFOLD_LINES)
 
 
+def minimum_llama_vocab_size(lines: list[str]) -> int:
+    """The smallest `vocab_size` SentencePiece accepts for these training lines: 3 special pieces (unk, bos,
+    eos) + 256 byte-fallback pieces + every distinct character (character_coverage=1.0 keeps them all; a space is
+    the piece "\u2581", which the dummy prefix always adds). Checked against SentencePiece's own
+    "Vocabulary size is smaller than required_chars" refusal in tests/test_tokenizer_train.py."""
+    return 3 + 256 + len(set("".join(lines).replace(" ", "\u2581")) | {"\u2581"})
+
+
 def train_llama_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 1000) -> Path:
     """Train a Llama-1/2 style SentencePiece BPE tokenizer and save it for HF.
 
     Ids: ``<unk>`` = 0, ``<s>`` = 1 (BOS), ``</s>`` = 2 (EOS), no pad piece;
     byte fallback gives the 256 ``<0xNN>`` pieces (so "\\n" becomes ``<0x0A>``).
     ``vocab_size`` is a soft limit (``hard_vocab_limit=False``) so that a small
-    corpus still trains.  Writes ``out_dir/tokenizer.model`` plus the files of
+    corpus still trains; below ``minimum_llama_vocab_size`` it is a ValueError saying that minimum.  Writes ``out_dir/tokenizer.model`` plus the files of
     ``LlamaTokenizer.save_pretrained`` and returns ``out_dir``.
     """
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
+    lines = _training_lines(texts)
+    minimum = minimum_llama_vocab_size(lines)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size {vocab_size} is below this corpus's minimum of {minimum} (3 special + 256 "
+                         f"byte pieces + {minimum - 259} distinct characters): use a vocab_size of at least {minimum}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_lines(texts)),
+        sentence_iterator=iter(lines),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -124,6 +137,10 @@ def train_bytelevel_tokenizer(
     for tok in (bos_token, eos_token, pad_token):
         if tok is not None and tok not in special_tokens:
             raise ValueError(f"{tok!r} must be listed in special_tokens")
+    minimum = len(special_tokens) + 256  # the byte alphabet is always kept; the trainer would silently exceed
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size {vocab_size} is below the minimum of {minimum} ({len(special_tokens)} special "
+                         f"tokens + 256 byte pieces): use a vocab_size of at least {minimum}")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

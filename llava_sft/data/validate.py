@@ -37,6 +37,14 @@ from llava_sft.data.tokenize import tokenize_conversation
 
 FATAL = ("structure", "missing", "corrupt")
 SHOW = 20  # sample ids listed per problem kind
+# what a kind's `count` counts (default: samples); its `samples` is always the number of samples it touches
+UNIT = {"missing": "image files", "corrupt": "image files", "duplicate": "ids"}
+
+
+def _examples(kind: str, found: list[tuple[int, str, str]]) -> list[dict]:
+    if kind == "duplicate":  # one line per shared id, not one per sample holding it
+        found = list({sample_id: (i, sample_id, d) for i, sample_id, d in found}.values())
+    return [{"id": sample_id, "detail": detail} for _, sample_id, detail in found[:SHOW]]
 
 
 def tokens_per_image(cfg: RunConfig) -> int:
@@ -77,14 +85,17 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
     per_image = tokens_per_image(cfg)
     records = read_records(data.path)
 
-    problems: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    # problems[kind] = [(record index, sample id, detail)]; the index (ids may repeat) counts affected samples
+    problems: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     ids_seen: Counter = Counter()
+    index_of_id: dict[str, list[int]] = defaultdict(list)
     text_lens, image_lens, totals = [], [], []
     n_image_samples = 0
     to_decode: list[tuple[str, str]] = []
     for i, record in enumerate(tqdm(records, desc="records", disable=not progress)):
         sample_id = str(record.get("id", f"#{i}")) if isinstance(record, dict) else f"#{i}"
         ids_seen[sample_id] += 1
+        index_of_id[sample_id].append(i)
         try:
             if not isinstance(record, dict) or "conversations" not in record:
                 raise BadSampleError(sample_id, "not a record with 'conversations'")
@@ -92,15 +103,15 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
             ids, labels = tokenize_conversation(record["conversations"], tokenizer, template,
                                                 num_images=len(images), sample_id=sample_id)
         except BadSampleError as e:
-            problems["structure"].append((sample_id, e.reason))
+            problems["structure"].append((i, sample_id, e.reason))
             continue
         n_image_samples += bool(images)
         for name in images:
             path = folder / name
             if not path.is_file():
-                problems["missing"].append((sample_id, str(path)))
+                problems["missing"].append((i, sample_id, str(path)))
             elif decode_images:
-                to_decode.append((sample_id, str(path)))
+                to_decode.append((i, sample_id, str(path)))
         n_img = ids.count(IMAGE_TOKEN_INDEX)
         text_lens.append(len(ids) - n_img)
         image_lens.append(n_img * per_image)
@@ -108,20 +119,20 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
         if totals[-1] > data.max_length:
             try:
                 fit_length(ids, labels, data.max_length, per_image, data.overlong, sample_id)
-                problems["overlong"].append((sample_id, f"{totals[-1]} tokens: truncated to {data.max_length}"))
+                problems["overlong"].append((i, sample_id, f"{totals[-1]} tokens: truncated to {data.max_length}"))
             except BadSampleError as e:
-                problems["overlong_dropped"].append((sample_id, e.reason))
+                problems["overlong_dropped"].append((i, sample_id, e.reason))
 
     if to_decode:
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = pool.map(_decodes, [p for _, p in to_decode], chunksize=64)
-            for (sample_id, path), error in zip(to_decode, tqdm(results, total=len(to_decode), desc="decoding images",
+            results = pool.map(_decodes, [p for _, _, p in to_decode], chunksize=64)
+            for (i, sample_id, path), error in zip(to_decode, tqdm(results, total=len(to_decode), desc="decoding images",
                                                                  disable=not progress), strict=True):
                 if error:
-                    problems["corrupt"].append((sample_id, f"{path} ({error})"))
+                    problems["corrupt"].append((i, sample_id, f"{path} ({error})"))
     for sample_id, count in ids_seen.items():
         if count > 1:
-            problems["duplicate"].append((sample_id, f"used by {count} samples"))
+            problems["duplicate"] += [(i, sample_id, f"used by {count} samples") for i in index_of_id[sample_id]]
 
     def dist(values: list[int]) -> dict:
         if not values:
@@ -131,12 +142,20 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
                 "p99": int(np.percentile(a, 99)), "max": int(a.max())}
 
     fatal = sum(len(problems[k]) for k in FATAL) + (len(problems["overlong_dropped"]) if data.bad_samples == "error" else 0)
+    affected = {i for found in problems.values() for i, _, _ in found}
     return {
         "data": data.path, "image_folder": str(folder), "template": data.template, "max_length": data.max_length,
         "tokens_per_image": per_image, "samples": len(records),
-        "modality": {"image": n_image_samples, "text_only": len(totals) - n_image_samples},
+        # image + text_only + malformed == samples (malformed: a structure problem, so neither split applies)
+        "modality": {"image": n_image_samples, "text_only": len(totals) - n_image_samples,
+                     "malformed": len(records) - len(totals)},
+        "samples_with_problems": len(affected), "clean_samples": len(records) - len(affected),
         "lengths": {"text_tokens": dist(text_lens), "image_tokens": dist(image_lens), "total": dist(totals)},
-        "problems": {k: {"count": len(v), "examples": [{"id": i, "detail": d} for i, d in v[:SHOW]]}
+        # A sample can have problems of several kinds, so the kinds' `samples` may sum to more than
+        # samples_with_problems.
+        "problems": {k: {"count": len({d[1] for d in v}) if k == "duplicate" else len(v),
+                         "samples": len({i for i, _, _ in v}), "unit": UNIT.get(k, "samples"),
+                         "examples": _examples(k, v)}
                      for k, v in sorted(problems.items()) if v},
         "images_decoded": decode_images,
         "run_would_fail": fatal > 0,
@@ -144,8 +163,11 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['data']}: {report['samples']} samples ({report['modality']['image']} with images, "
-             f"{report['modality']['text_only']} text-only), {report['tokens_per_image']} tokens per image"]
+    split = report["modality"]
+    lines = [f"{report['data']}: {report['samples']} samples = {split['image']} with images + "
+             f"{split['text_only']} text-only + {split['malformed']} malformed; "
+             f"{report['tokens_per_image']} tokens per image",
+             f"samples with a problem: {report['samples_with_problems']}, clean: {report['clean_samples']}"]
     total = report["lengths"]["total"]
     if total:
         lines.append(f"length after image expansion: mean {total['mean']}, p50 {total['p50']}, p90 {total['p90']}, "
@@ -153,7 +175,10 @@ def format_report(report: dict) -> str:
     if not report["problems"]:
         lines.append("no problems found" + ("" if report["images_decoded"] else " (images not decoded: --decode-images)"))
     for kind, info in report["problems"].items():
-        lines.append(f"{kind}: {info['count']}")
+        if info["unit"] == "samples":
+            lines.append(f"{kind}: {info['samples']} samples")
+        else:
+            lines.append(f"{kind}: {info['count']} {info['unit']} in {info['samples']} samples")
         lines += [f"  - {e['id']}: {e['detail']}" for e in info["examples"]]
         if info["count"] > len(info["examples"]):
             lines.append(f"  ... and {info['count'] - len(info['examples'])} more")

@@ -26,7 +26,7 @@ from llava_sft.model.loss import loss_sum
 from llava_sft.model.packed_attention import llm_inputs
 from llava_sft.model.projector import build_projector
 from llava_sft.model.splice import splice_images
-from llava_sft.model.vision import build_vision_tower
+from llava_sft.model.vision import build_vision_tower, weights_loaded_afterwards
 
 log = logging.getLogger(__name__)
 CONFIG_FILE, PROJECTOR_FILE, VISION_FILE, LLM_DIR = "llava_config.json", "projector.safetensors", "vision_tower.safetensors", "llm"
@@ -273,7 +273,8 @@ class LlavaModel(nn.Module):
                                         f"is not there: pass its location (base_llm= / --base)")
             if not quantize:
                 cfg.lora.quantize = None
-        model = cls(cfg)
+        with weights_loaded_afterwards(f"from {model_dir / VISION_FILE}"):
+            model = cls(cfg)
         if cfg.lora is not None:
             model.llm = load_lora(model.llm, str(model_dir / LLM_DIR))
         model.vision_tower.load_state_dict(load_file(str(model_dir / VISION_FILE)))

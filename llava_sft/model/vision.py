@@ -17,6 +17,8 @@ below (or `@register_vision_tower("name")` on a class defined anywhere). See doc
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 from typing import Callable
 
@@ -28,6 +30,25 @@ from llava_sft.config import VisionConfig  # noqa: F401  (the schema lives in th
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+_WEIGHTS_LOADED_AFTERWARDS: contextvars.ContextVar[str | None] = contextvars.ContextVar("weights", default=None)
+
+
+@contextlib.contextmanager
+def weights_loaded_afterwards(source: str):
+    """While a trained model's tower is built only to receive its saved weights (LlavaModel.from_pretrained),
+    `weights_description` names that source instead of "random init"."""
+    token = _WEIGHTS_LOADED_AFTERWARDS.set(source)
+    try:
+        yield
+    finally:
+        _WEIGHTS_LOADED_AFTERWARDS.reset(token)
+
+
+def weights_description(pretrained: str | None) -> str:
+    """What a tower's log line says about its weights."""
+    return pretrained or _WEIGHTS_LOADED_AFTERWARDS.get() or "random init"
 
 
 class VisionTower(nn.Module):

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from llava_sft.model.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionConfig, VisionTower
+from llava_sft.model.vision import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    VisionConfig,
+    VisionTower,
+    weights_description,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +102,25 @@ def pretrained_problem(cfg: VisionConfig, lookup: WeightsLookup | None = None) -
     return None
 
 
-class _DropRandomInitWarning(logging.Filter):
+class _OpenClipChatter(logging.Filter):
+    """open_clip logs on the root logger: its model-building steps at INFO (six lines, among them "No potential
+    checkpoint path found") and, whenever `pretrained` is None, a warning "... Model initialized randomly" -- also
+    when a trained model's tower is built only to receive its saved weights a moment later
+    (LlavaModel.from_pretrained), where it is false. Our own log line says where the weights come from."""
+
+    def __init__(self, pretrained):
+        super().__init__()
+        self.pretrained = pretrained
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Model initialized randomly" not in record.getMessage()
+        if record.levelno < logging.WARNING:
+            return False
+        return bool(self.pretrained) or "Model initialized randomly" not in record.getMessage()
 
 
 @contextlib.contextmanager
-def _without_random_init_warning(pretrained):
-    """open_clip warns "No pretrained weights loaded ... Model initialized randomly" whenever `pretrained` is None --
-    also when a trained model's tower is built only to receive its saved weights a moment later
-    (LlavaModel.from_pretrained), where the warning is false. Our own log line says where the weights come from."""
-    if pretrained:
-        yield
-        return
-    root, drop = logging.getLogger(), _DropRandomInitWarning()
+def _without_open_clip_chatter(pretrained):
+    root, drop = logging.getLogger(), _OpenClipChatter(pretrained)
     root.addFilter(drop)
     try:
         yield
@@ -130,7 +141,7 @@ class OpenClipVisionTower(VisionTower):
         if problem and problem[0] == "error":  # missing file, or offline and not cached: fail now, not after retries
             raise FileNotFoundError(problem[1])
         try:
-            with _without_random_init_warning(pretrained):
+            with _without_open_clip_chatter(pretrained):
                 clip = open_clip.create_model(
                     cfg.model, pretrained=pretrained, force_quick_gelu=cfg.quick_gelu,
                     cache_dir=cfg.cache_dir or None, require_pretrained=bool(pretrained), **(cfg.model_kwargs or {}),
@@ -155,7 +166,7 @@ class OpenClipVisionTower(VisionTower):
         self.image_mean, self.image_std = tuple(mean or OPENAI_CLIP_MEAN), tuple(std or OPENAI_CLIP_STD)
         log.info(
             "vision tower %s (weights: %s, quick_gelu=%s): %d px, %d patches, width %d, features of block %d/%d",
-            cfg.model, pretrained or "random init",
+            cfg.model, weights_description(pretrained),
             cfg.quick_gelu, self.image_size, self.num_patches, self.hidden_size, self.block_index + 1, depth,
         )
 
