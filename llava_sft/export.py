@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     hf.add_argument("--model", required=True, help="our model directory (Stage-2 output, or merged LoRA)")
     hf.add_argument("--out", required=True, help="output directory (replaced if it exists)")
     hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="weights dtype of the export (default: as saved)")
+                    help="the one dtype of every exported weight (default: the saved LLM's dtype; the vision tower "
+                         "and projector, trained in fp32, are cast to it)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from llava_sft.interop.hf_llava import export_hf

@@ -24,11 +24,12 @@ QUESTION = "What is in the image?"
 
 
 def save_tiny_model(tokenizer_dir, out, seed=0, aspect="pad", select_feature="patch", select_layer=-2,
-                    projector="mlp2x_gelu", template="vicuna_v1"):
+                    projector="mlp2x_gelu", template="vicuna_v1", llm_dtype="float32"):
     torch.manual_seed(seed)
     spec = model_dict(tokenizer_dir, projector=projector)
     spec["vision"].update(select_feature=select_feature, select_layer=select_layer)
     spec["image_aspect"] = aspect
+    spec["llm"]["dtype"] = llm_dtype  # what a recipe's model.llm.dtype does: the LLM loads and saves in it
     cfg = from_dict(ModelConfig, spec)
     cfg.llm.config["vocab_size"] = len(load_tokenizer(str(tokenizer_dir)))
     model = LlavaModel(cfg)
@@ -121,6 +122,38 @@ def test_hf_greedy_generation_equals_llava_sft_generate(exported, tmp_path):
     hf_text = AutoTokenizer.from_pretrained(hf_dir, use_fast=False).decode(hf_new, skip_special_tokens=True).strip()
     assert len(ours_text.split()) >= 3  # a real answer, not an immediate end of turn
     assert hf_text == ours_text
+
+
+def test_a_bf16_llm_model_exports_in_one_dtype_that_loads_with_dtype_auto_and_the_pipeline(llama_tokenizer_dir,
+                                                                                             tmp_path):
+    """What a recipe saves (LLM in bf16, tower and projector trained in fp32) exports as one dtype: before, the
+    fp32 projector met bf16 image features and `dtype="auto"` / the pipeline failed ("expected m1 and m2 to have
+    the same dtype")."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration, pipeline
+
+    ours = save_tiny_model(llama_tokenizer_dir, tmp_path / "ours", llm_dtype="bfloat16")
+    hf_dir = tmp_path / "hf"
+    assert export_main(["hf", "--model", str(ours), "--out", str(hf_dir)]) == 0
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "bfloat16"
+    for file in hf_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}, file
+    hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype="auto").eval()
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    image = noise_image(seed=2)
+    processor, _, inputs = hf_inputs(hf_dir, image)
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=8, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert len(new) >= 4
+    pipe = pipeline("image-text-to-text", model=str(hf_dir), dtype="auto", device="cpu")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    answer = pipe(text=messages, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert answer == processor.decode(new, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("size", [(40, 24), (24, 40), (32, 32), (33, 17), (7, 50), (64, 64)])

@@ -210,9 +210,13 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     old_vocab = model.llm_vocab_size
     image_id, vocab = add_image_token(tokenizer, old_vocab)
     config, state, vision = build_hf_state_and_config(model, image_id, vocab)
-    if dtype:
-        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
-    config.text_config.dtype = config.dtype = dtype or str(model.llm.dtype).replace("torch.", "")
+    # One dtype for every part: a saved Stage-2 model holds a bf16 LLM beside an fp32 tower and projector, and an
+    # export "as saved" made `from_pretrained(dtype="auto")` / `pipeline("image-text-to-text")` fail with
+    # "expected m1 and m2 to have the same dtype" at the projector. The LLM's dtype is the default (it is the
+    # bulk of the weights and the one the recipe chose); the top-level and both sub-configs name it.
+    dtype = dtype or str(model.llm.dtype).replace("torch.", "")
+    state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    config.dtype = config.text_config.dtype = config.vision_config.dtype = dtype
     with torch.device("meta"):
         hf = LlavaForConditionalGeneration(config)
     hf.load_state_dict(state, strict=True, assign=True)
