@@ -9,8 +9,10 @@ Vicuna-like (Llama-2 SentencePiece, legacy) tokenizer trained offline.
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import transformers
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))  # make the oracle importable with or without tests/__init__.py
@@ -24,6 +26,8 @@ from reference_llava import (  # noqa: E402
 
 from llava_sft.data.tokenizer_train import demo_corpus, train_llama_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
+
 BOS, EOS = 1, 2
 
 
@@ -32,6 +36,30 @@ def vicuna_tok(tmp_path_factory):
     """A slow, legacy LlamaTokenizer trained offline (Vicuna-like: pad = unk)."""
     out = train_llama_tokenizer(demo_corpus(400), tmp_path_factory.mktemp("vicuna_tok"), vocab_size=1000)
     return AutoTokenizer.from_pretrained(out, use_fast=False, local_files_only=True)
+
+
+class SlowTokenizerCalls:
+    """The reference's `tokenizer(text).input_ids` as under its own stack (transformers 4.x's slow class), for
+    transformers 5.x, which has none: through the encoder that tests/test_sentencepiece_llama.py holds equal to
+    the slow class on 4.x. Everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer):
+        from llava_sft.data.sentencepiece_llama import SlowLlamaEncoder
+
+        self._tokenizer, self._encoder = tokenizer, SlowLlamaEncoder.of(tokenizer)
+
+    def __call__(self, text, max_length=None, truncation=False):
+        ids = self._encoder(text)
+        return SimpleNamespace(input_ids=ids[:max_length] if truncation and max_length else ids)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.fixture(scope="session")
+def reference_tok(vicuna_tok):
+    """The tokenizer the reference oracle calls: the slow class itself on 4.x."""
+    return SlowTokenizerCalls(vicuna_tok) if int(transformers.__version__.split(".")[0]) >= 5 else vicuna_tok
 
 
 def human(value):
@@ -51,6 +79,10 @@ LONG_ROUNDS = [
 CASES = [
     ("plain_image_first", "plain", {"id": "p1", "image": "a.jpg", "conversations": [
         human("<image>\nDescribe the image briefly."), gpt("A small cat on a wooden table.")]}),
+    # the caption is a chunk of its own after <image>: its leading space meets SentencePiece's dummy prefix
+    # ("▁", "▁A" on the slow class; "▁A" on transformers 5.x's tokenizers-backed class)
+    ("plain_caption_leading_space", "plain", {"id": "p3", "image": "a.jpg", "conversations": [
+        human("<image>\nDescribe the image briefly."), gpt(" A small cat, with a space in front.")]}),
     ("plain_image_last", "plain", {"id": "p2", "image": "b.jpg", "conversations": [
         human("Render a clear and concise summary of the photo.\n<image>"), gpt("There are 3 dogs in the park, near the river.")]}),
     ("v1_image_first", "vicuna_v1", {"id": "v1", "image": "c.jpg", "conversations": [
@@ -99,8 +131,8 @@ def answers(sample):
 # --------------------------------------------------------------------------- the oracle itself
 
 
-def test_oracle_tokenizer_image_token(vicuna_tok):
-    tok = vicuna_tok
+def test_oracle_tokenizer_image_token(reference_tok):
+    tok = reference_tok
     assert tokenizer_image_token("<image>", tok) == [BOS, IMAGE_TOKEN_INDEX]
     ids = tokenizer_image_token("USER: <image>\nhi", tok)
     # chunk 1 ("\nhi") is tokenized on its own, so it gets the dummy-prefix "▁" again before the byte <0x0A>.
@@ -111,8 +143,8 @@ def test_oracle_tokenizer_image_token(vicuna_tok):
     assert BOS not in ids[1:]
 
 
-def test_oracle_plain_hand_checked(vicuna_tok):
-    tok = vicuna_tok
+def test_oracle_plain_hand_checked(reference_tok):
+    tok = reference_tok
     sample = {"id": "x", "image": "x.jpg", "conversations": [human("Describe.\n<image>"), gpt("A small cat on a table.")]}
     res = reference_preprocess_detailed(sample, tok, "plain")
     assert res.conversation == "<image>A small cat on a table.\n"
@@ -122,8 +154,8 @@ def test_oracle_plain_hand_checked(vicuna_tok):
     assert not res.mismatch
 
 
-def test_oracle_vicuna_v1_hand_checked(vicuna_tok):
-    tok = vicuna_tok
+def test_oracle_vicuna_v1_hand_checked(reference_tok):
+    tok = reference_tok
     sample = {"id": "y", "image": "y.jpg", "conversations": [
         human("Where is the cat?\n<image>"), gpt("A small cat in the park."), human("Is it happy?"), gpt("The cat looks happy.")]}
     res = reference_preprocess_detailed(sample, tok, "vicuna_v1")
@@ -171,9 +203,9 @@ def test_oracle_detects_mismatch(vicuna_tok):
 
 
 @pytest.mark.parametrize("name,template,sample", CASES, ids=CASE_IDS)
-def test_oracle_cases_are_meaningful(vicuna_tok, name, template, sample):
+def test_oracle_cases_are_meaningful(reference_tok, name, template, sample):
     """On every comparison case the oracle supervises exactly the replies."""
-    tok = vicuna_tok
+    tok = reference_tok
     res = reference_preprocess_detailed(sample, tok, template)
     assert not res.mismatch
     assert res.input_ids.count(IMAGE_TOKEN_INDEX) == (1 if "image" in sample else 0)
@@ -194,12 +226,12 @@ def test_oracle_cases_are_meaningful(vicuna_tok, name, template, sample):
 
 
 @pytest.mark.parametrize("name,template,sample", CASES, ids=CASE_IDS)
-def test_matches_reference(vicuna_tok, name, template, sample):
+def test_matches_reference(vicuna_tok, reference_tok, name, template, sample):
     from llava_sft.data.templates import get_template
     from llava_sft.data.tokenize import tokenize_conversation
 
-    ref_ids, ref_labels = reference_preprocess(sample, vicuna_tok, template)
-    assert not reference_preprocess_detailed(sample, vicuna_tok, template).mismatch
+    ref_ids, ref_labels = reference_preprocess(sample, reference_tok, template)
+    assert not reference_preprocess_detailed(sample, reference_tok, template).mismatch
     ids, labels = tokenize_conversation(
         sample["conversations"], vicuna_tok, get_template(template), has_image="image" in sample, sample_id=sample["id"]
     )

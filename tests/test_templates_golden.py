@@ -19,8 +19,11 @@ from itertools import groupby
 import pytest
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_sft.data.sentencepiece_llama import is_sentencepiece_llama
 from llava_sft.data.templates import ChatTemplate, get_template, list_templates
 from llava_sft.data.tokenize import tokenize_conversation, tokenize_prompt, tokenize_with_images
+
+pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
 
 
 def human(value):
@@ -165,10 +168,11 @@ def supervised_runs(ids, labels):
 def surface(tok, ids) -> str:
     """The exact text a run of token ids stands for.
 
-    Fast (byte-level) tokenizers decode exactly. For the slow SentencePiece tokenizer, `decode`
-    drops a leading space, so the pieces are spelled out: "▁" -> " ", "<0xNN>" -> that byte.
+    Byte-level tokenizers decode exactly. For a SentencePiece Llama tokenizer (the slow class on transformers
+    4.x, the tokenizers-backed one on 5.x), `decode` drops a leading space, so the pieces are spelled out:
+    "▁" -> " ", "<0xNN>" -> that byte.
     """
-    if tok.is_fast:
+    if not is_sentencepiece_llama(tok):
         return tok.decode(ids, skip_special_tokens=False)
     out = b""
     for piece in tok.convert_ids_to_tokens(ids):
@@ -180,7 +184,7 @@ def surface(tok, ids) -> str:
 def expected_surface(tok, text_before: str, supervised_text: str) -> str:
     """SentencePiece (legacy Llama) adds its dummy-prefix "▁" to every chunk it tokenizes on its own;
     the text right after an `<image>` is such a chunk (as in the reference LLaVA's tokenizer_image_token)."""
-    if not tok.is_fast and (text_before == "" or text_before.endswith("<image>")):
+    if is_sentencepiece_llama(tok) and (text_before == "" or text_before.endswith("<image>")):
         return " " + supervised_text
     return supervised_text
 

@@ -17,8 +17,13 @@ reported as a `BadSampleError` naming the sample, never silently turned into an 
 """
 from __future__ import annotations
 
+from importlib.metadata import version
+
 from llava_sft.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
+from llava_sft.data.sentencepiece_llama import SlowLlamaEncoder, is_sentencepiece_llama
 from llava_sft.data.templates import BadSampleError, ChatTemplate, Segment
+
+_SLOW_LLAMA_GONE = int(version("transformers").split(".")[0]) >= 5
 
 
 def tokenize_with_images(text: str, tokenizer) -> list[int]:
@@ -35,6 +40,8 @@ def tokenize_with_images(text: str, tokenizer) -> list[int]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
+    if _SLOW_LLAMA_GONE and is_sentencepiece_llama(tokenizer):  # transformers 5.x: data/sentencepiece_llama.py says why
+        return SlowLlamaEncoder.of(tokenizer)(text)
     return tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
 
 

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import io
 import random
+from importlib.metadata import version
 from pathlib import Path
 from typing import Iterable
+
+from llava_sft.data.sentencepiece_llama import save_tokenizer
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -102,15 +105,13 @@ def train_llama_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 1000)
     model_file = out_dir / "tokenizer.model"
     model_file.write_bytes(model.getvalue())
 
-    tokenizer = LlamaTokenizer(
-        vocab_file=str(model_file),
-        legacy=True,
-        add_bos_token=True,
-        add_eos_token=False,
-        clean_up_tokenization_spaces=False,
-    )
+    settings = dict(legacy=True, add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False)
+    if int(version("transformers").split(".")[0]) >= 5:  # no slow class: the tokenizers-backed one reads the file
+        tokenizer = LlamaTokenizer.from_pretrained(out_dir, **settings)
+    else:
+        tokenizer = LlamaTokenizer(vocab_file=str(model_file), **settings)
     tokenizer.pad_token = tokenizer.unk_token  # what LLaVA does for Vicuna (v1)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return out_dir
 
 

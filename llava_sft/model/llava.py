@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llava_sft.config import LLMConfig, ModelConfig, VisionConfig, from_dict
+from llava_sft.data.sentencepiece_llama import save_tokenizer
 from llava_sft.model.lora import attach_lora, is_adapter_param, is_lora, load_lora, quantization_config
 from llava_sft.model.loss import loss_sum
 from llava_sft.model.packed_attention import llm_inputs
@@ -208,7 +209,7 @@ class LlavaModel(nn.Module):
             self.llm.save_pretrained(out_dir / LLM_DIR, safe_serialization=True)
         else:
             self.llm.save_pretrained(out_dir / LLM_DIR, state_dict=_sub_state(state_dict, "llm."), safe_serialization=True)
-        tokenizer.save_pretrained(out_dir / LLM_DIR)
+        save_tokenizer(tokenizer, out_dir / LLM_DIR)
 
     def _write_config(self, out_dir: Path, extra: dict | None) -> None:
         payload = {

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from llava_sft.data.sentencepiece_llama import save_tokenizer
+
 
 class PreflightError(RuntimeError):
     """A rehearsal that cannot be set up; the message names the setting and the fix."""
@@ -101,7 +103,7 @@ def make_llm_twin(real: dict, tokenizer, out_dir: Path, vocab_size: int, seed: i
     model = AutoModelForCausalLM.from_config(config)
     saved_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(real.get("torch_dtype")), torch.float32)
     model.to(saved_dtype).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return out_dir, dict(fields, model_type=model_type)
 
 

@@ -1,0 +1,59 @@
+"""data/sentencepiece_llama.py gives, from the SentencePiece model alone, the ids of transformers 4.x's slow
+`LlamaTokenizer` (the reference LLaVA-1.5 tokenizer) -- legacy and non-legacy, with added tokens -- so that
+transformers 5.x, which has no slow class, tokenizes as the reference did. The comparison needs the slow class,
+so it runs on the 4.x (reproduction) stack; on 5.x, the golden and reference-compatibility tests check the
+encoder's use."""
+from __future__ import annotations
+
+import pytest
+import transformers
+from tokenizers import AddedToken
+
+from llava_sft.data.sentencepiece_llama import SlowLlamaEncoder, is_sentencepiece_llama
+from llava_sft.data.tokenizer_train import VICUNA_SYSTEM
+
+pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
+
+TEXTS = [
+    "", " ", "  ", "\n", "Hello world", " leading space", "  two leading", "trailing ", "x  y\n\nz",
+    "\u2581already an underline", "a\u2581b", "caf\u00e9 cr\u00e8me \u4e2d\u6587 \u2014 na\u00efve", "Zebra quokka XYZ 1234",
+    "</s>", "</s>USER: hi", "</s> USER: hi", "a</s>b", "a </s> b", "<s>inside</s>", "</s></s>", "<unk> ok",
+    "<image>\nWhat is it?", "Describe it. <image>", "<image> starts with a space after", "x<image><image>y",
+    f"{VICUNA_SYSTEM} USER: <image>\nWhat is in the image? ASSISTANT: A red circle on the left.</s>"
+    "USER: And the other one? ASSISTANT: A blue square.</s>",
+]
+
+needs_slow = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) >= 5,
+                                reason="transformers 5.x has no slow LlamaTokenizer to compare with")
+
+
+@needs_slow
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "non-legacy"])
+@pytest.mark.parametrize("image_token", [None, "plain", "lstrip-rstrip"])
+def test_encoder_gives_the_slow_tokenizers_ids(llama_tokenizer_dir, legacy, image_token):
+    from transformers import LlamaTokenizer
+
+    slow = LlamaTokenizer.from_pretrained(llama_tokenizer_dir, legacy=legacy)
+    if image_token is not None:  # the export adds <image>; users add tokens of their own
+        strip = image_token == "lstrip-rstrip"
+        slow.add_tokens([AddedToken("<image>", special=True, normalized=False, lstrip=strip, rstrip=strip)])
+    assert is_sentencepiece_llama(slow) and slow.legacy is legacy
+    encoder = SlowLlamaEncoder.of(slow)
+    for text in TEXTS:
+        assert encoder(text) == slow(text, add_special_tokens=True)["input_ids"], text
+
+
+@needs_slow
+def test_the_texts_tell_legacy_from_non_legacy_and_the_slow_from_the_fast_tokenizer(llama_tokenizer_dir):
+    """The comparison above is meaningful: on these texts the two modes differ, and so does the fast class."""
+    from transformers import LlamaTokenizer, LlamaTokenizerFast
+
+    legacy = LlamaTokenizer.from_pretrained(llama_tokenizer_dir, legacy=True)
+    non_legacy = LlamaTokenizer.from_pretrained(llama_tokenizer_dir, legacy=False)
+    assert any(legacy(t)["input_ids"] != non_legacy(t)["input_ids"] for t in TEXTS)
+    fast = LlamaTokenizerFast.from_pretrained(llama_tokenizer_dir, legacy=False, from_slow=True)
+    assert any(fast(t)["input_ids"] != legacy(t)["input_ids"] for t in TEXTS)
+
+
+def test_byte_level_tokenizers_are_not_sentencepiece_llama(llama3_tokenizer):
+    assert not is_sentencepiece_llama(llama3_tokenizer)
