@@ -55,10 +55,15 @@ def exported(request, llama_tokenizer_dir, tmp_path_factory):
     return ours, root / "hf"
 
 
-def hf_inputs(hf_dir, image, question=QUESTION):
+TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
+
+
+def hf_inputs(hf_dir, image, question=QUESTION, pil=True):
+    """The exported processor's inputs. transformers 5.x loads image processors with its torchvision backend unless
+    asked for `backend="pil"`, the one that gives our (and LLaVA's) pixels exactly; `pil=False` takes the default."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(hf_dir)
+    processor = AutoProcessor.from_pretrained(hf_dir, **({"backend": "pil"} if TRANSFORMERS_5 and pil else {}))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     return processor, text, processor(images=image, text=text, return_tensors="pt")
@@ -77,6 +82,10 @@ def test_hf_export_gives_our_pixels_tokens_and_logits(exported):
 
     assert text == answerer.prompt_for(QUESTION)  # the chat template renders our prompt
     assert torch.allclose(inputs["pixel_values"][0], answerer.processor(image), atol=1e-6)  # our preprocessing
+    if TRANSFORMERS_5:  # the default (torchvision) backend's bicubic differs by at most one 8-bit level per value
+        default_pixels = hf_inputs(hf_dir, image, pil=False)[2]["pixel_values"][0]
+        one_level = 1 / 255 / min(answerer.processor.std)
+        assert (default_pixels - answerer.processor(image)).abs().max() <= one_level + 1e-6
 
     ours_ids = tokenize_prompt(text, answerer.tokenizer)
     image_id = hf.config.image_token_id
@@ -145,7 +154,7 @@ def test_a_bf16_llm_model_exports_in_one_dtype_that_loads_with_dtype_auto_and_th
     hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype="auto").eval()
     assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
     image = noise_image(seed=2)
-    processor, _, inputs = hf_inputs(hf_dir, image)
+    processor, _, inputs = hf_inputs(hf_dir, image, pil=False)  # the pipeline's own default backend
     with torch.no_grad():
         out = hf.generate(**inputs, max_new_tokens=8, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1]:]

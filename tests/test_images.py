@@ -2,8 +2,13 @@
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
-from transformers import CLIPImageProcessor
+
+if int(transformers.__version__.split(".")[0]) >= 5:  # the PIL backend: LLaVA's CLIPImageProcessor was PIL-based
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+else:
+    from transformers import CLIPImageProcessor
 
 from llava_sft.data.images import ImageProcessor
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 from data_prep.make_shapes import generate as make_shapes
 from llava_sft.config import save_config
@@ -25,7 +26,9 @@ from llava_sft.data.packing import PackingCollator, expanded_length, pack_rows
 from llava_sft.train.trainer import DDPEngine, accumulate_gradients, build, seed_everything, train
 from tests.tiny import forward_passes, run_config
 
-VARLEN = "flash_varlen_reference_cpu"  # "flash" in the name: model/packed_attention.py flattens for it
+# "varlen" in the name: model/packed_attention.py flattens for it. Not "flash": transformers 5.x looks a name with
+# "flash" up on the kernels hub. It builds no mask (as flash attention): the cu_seq_lens carry the boundaries.
+VARLEN = "varlen_reference_cpu"
 CALLS = {"varlen": 0}
 
 
@@ -47,6 +50,7 @@ def varlen_reference(module, query, key, value, attention_mask, scaling=None, dr
 
 
 AttentionInterface.register(VARLEN, varlen_reference)
+AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)
 
 
 def turn(who, value):

@@ -20,6 +20,7 @@ no HF counterpart: `UnsupportedConversion` names it instead of writing a tower t
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -75,7 +76,8 @@ def openclip_to_hf_clip_config(visual: nn.Module) -> dict:
 
 
 def openclip_to_hf_clip_state(visual: nn.Module) -> dict[str, torch.Tensor]:
-    """`CLIPVisionModel` state dict (keys under `vision_model.`) holding the weights of an open_clip ViT."""
+    """`CLIPVisionModel` state dict holding the weights of an open_clip ViT (keys as the installed transformers
+    names them: under `vision_model.` in 4.x, at the top level in 5.x)."""
     openclip_to_hf_clip_config(visual)  # refuses what cannot be expressed
     out: dict[str, torch.Tensor] = {}
     for key, value in visual.state_dict().items():
@@ -97,7 +99,19 @@ def openclip_to_hf_clip_state(visual: nn.Module) -> dict[str, torch.Tensor]:
                 out[f"{prefix}self_attn.{name}.{kind}"] = part.clone()
         else:
             raise UnsupportedConversion(f"open_clip weight {key!r} has no CLIPVisionModel counterpart")
-    return {f"vision_model.{k}": v.contiguous() for k, v in out.items()}
+    prefix = _clip_vision_prefix()
+    return {f"{prefix}{k}": v.contiguous() for k, v in out.items()}
+
+
+@lru_cache(maxsize=1)
+def _clip_vision_prefix() -> str:
+    """transformers 5.x flattened CLIPVisionModel (its `vision_model` wrapper is gone): ask the installed class."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):
+        model = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                                 num_attention_heads=1, image_size=4, patch_size=2))
+    return "vision_model." if hasattr(model, "vision_model") else ""
 
 
 def openclip_to_hf_clip(visual: nn.Module):

@@ -25,6 +25,7 @@ import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,7 @@ from llava_sft.interop.clip_convert import UnsupportedConversion, openclip_to_hf
 from llava_sft.model.llava import DTYPES, LlavaModel
 
 log = logging.getLogger(__name__)
+_TRANSFORMERS_MAJOR = int(version("transformers").split(".")[0])
 
 
 @dataclass
@@ -115,8 +117,9 @@ def _llm_state(llm) -> dict[str, torch.Tensor]:
 def add_image_token(tokenizer, vocab_size: int) -> tuple[int, int]:
     """Adds `<image>` to the tokenizer if needed -> (image token id, vocabulary size the LLM must have)."""
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]},
-                                     replace_additional_special_tokens=False)
+        # transformers 5.x renamed additional_special_tokens to extra_special_tokens (and the keyword with it)
+        key = "extra_special_tokens" if _TRANSFORMERS_MAJOR >= 5 else "additional_special_tokens"
+        tokenizer.add_special_tokens({key: [IMAGE_PLACEHOLDER]}, **{f"replace_{key}": False})
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     return image_id, max(vocab_size, image_id + 1)
 
@@ -159,8 +162,12 @@ def build_hf_state_and_config(model: LlavaModel, image_token_id: int, vocab: int
 
 def image_processor_for(saved_image: dict):
     """`LlavaImageProcessor` doing exactly our `ImageProcessor` (data/images.py) for `square` and `pad`."""
-    from transformers import LlavaImageProcessor
     from transformers.image_utils import PILImageResampling
+
+    if _TRANSFORMERS_MAJOR >= 5:  # 5.x's LlavaImageProcessor resizes with torchvision: pixels 1 level off from PIL's
+        from transformers import LlavaImageProcessorPil as LlavaImageProcessor
+    else:
+        from transformers import LlavaImageProcessor
 
     size, aspect = saved_image["size"], saved_image["aspect"]
     if aspect not in ("square", "pad"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -39,8 +40,25 @@ def quantization_config(settings: LoraSettings | None, compute_dtype: torch.dtyp
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def _import_peft() -> None:
+    """peft 0.21 (the latest stack) imports bitsandbytes on `import peft` (peft/helpers.py), and bitsandbytes then
+    logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." on CPUs with AVX512-BF16, in runs that
+    quantize nothing: that line is held back while peft is imported. A QLoRA run imports bitsandbytes itself first
+    (quantization_config), with its warnings."""
+    if "peft" in sys.modules:
+        return
+    bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
+    try:
+        import peft  # noqa: F401
+    finally:
+        bnb_log.setLevel(level)
+
+
 def attach_lora(llm: nn.Module, settings: LoraSettings, gradient_checkpointing: bool = False) -> nn.Module:
     """Wrap the LLM with fresh LoRA adapters (base weights frozen)."""
+    _import_peft()
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(llm, "is_loaded_in_4bit", False):
@@ -78,6 +96,7 @@ def _bitsandbytes_only_if_quantized(llm: nn.Module):
 
 
 def load_lora(llm: nn.Module, adapter_dir: str) -> nn.Module:
+    _import_peft()
     from peft import PeftModel
 
     with _bitsandbytes_only_if_quantized(llm):

@@ -5,7 +5,8 @@ restarting at 0 at every sample) becomes the keyword arguments of the Hugging Fa
 implementation (`llm.config._attn_implementation`):
 
 * flash attention (`flash_attention_2`/`_3`, or any implementation whose name contains "flash", e.g. a
-  kernels-hub flash kernel): padding-free. All real tokens of the micro-batch are flattened into one row
+  kernels-hub flash kernel, or "varlen", for one registered under a name transformers 5.x does not send to the
+  kernels hub): padding-free. All real tokens of the micro-batch are flattened into one row
   [1, N] and `cu_seq_lens_q/k` + `max_length_q/k` (the sample boundaries) are passed with
   `attention_mask=None`; transformers 4.57 then calls `flash_attn_varlen_func`, whose causal attention is
   per sample. This is transformers' own padding-free path (as `DataCollatorWithFlattening` feeds it).
@@ -29,7 +30,7 @@ from llava_sft.model.splice import SplicedBatch
 
 def is_varlen(attn_implementation: str) -> bool:
     """Whether an attention implementation takes packed sequences as one flattened row + cu_seq_lens."""
-    return "flash" in (attn_implementation or "")
+    return "flash" in (attn_implementation or "") or "varlen" in (attn_implementation or "")
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
