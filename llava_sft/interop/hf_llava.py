@@ -232,6 +232,10 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
         suppress_tokens=[image_id] if image_id >= old_vocab else None,
     )
     tokenizer.chat_template = to_jinja(template)
+    # a generic PreTrainedTokenizerFast (byte-level tokenizers: Llama-3, Qwen) also returns token_type_ids, which
+    # LlavaForConditionalGeneration.generate refuses ("model_kwargs are not used by the model")
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names  # what save_pretrained writes
     processor = LlavaProcessor(
         image_processor=image_processor_for(saved["image"]), tokenizer=tokenizer, patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=tokenizer.chat_template,
