@@ -99,6 +99,7 @@ def test_bad_deepspeed_configs_fail_before_training(llama_tokenizer_dir, shapes,
         assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before anything ran
 
 
+@pytest.mark.latest_stack
 @pytest.mark.timeout(420)
 def test_stage1_zero2_matches_one_process_and_resumes_exactly(llama_tokenizer_dir, shapes, tmp_path):
     plain = run_config(llama_tokenizer_dir, shapes, tmp_path / "plain", stage=1, max_steps=4,
@@ -133,6 +134,7 @@ def test_stage1_zero2_matches_one_process_and_resumes_exactly(llama_tokenizer_di
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.latest_stack
 @pytest.mark.timeout(420)
 def test_stage2_zero3_matches_one_process_and_saves_a_loadable_model(llama_tokenizer_dir, shapes, tmp_path):
     def config(name, **kw):

@@ -20,6 +20,8 @@ from llava_sft.interop.hf_llava import image_processor_for
 from llava_sft.model.llava import LlavaModel, ModelConfig, load_tokenizer
 from tests.tiny import model_dict
 
+pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
+
 QUESTION = "What is in the image?"
 
 

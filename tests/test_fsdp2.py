@@ -134,6 +134,7 @@ def test_stage1_fsdp2_matches_one_process_and_resumes_after_sigkill(llama_tokeni
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.latest_stack
 @pytest.mark.timeout(420)
 def test_stage2_fsdp2_with_packing_matches_one_process_and_saves_a_loadable_model(llama_tokenizer_dir, shapes,
                                                                                   tmp_path):

@@ -85,6 +85,7 @@ def test_lora_adapts_every_llm_linear_layer_only(llama_tokenizer_dir, shapes_dir
     assert {names[i] for i in by_lr[2e-4]} == {n for n in trainable if ".lora_" in n}
 
 
+@pytest.mark.latest_stack
 def test_lora_run_saves_adapter_and_merge_gives_the_same_logits_without_peft(
         llama_tokenizer_dir, shapes_dir, base_llm, tmp_path):
     run_dir = tmp_path / "lora"

@@ -183,6 +183,7 @@ def test_packed_layout(mixed):
     assert sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro) == n_unpacked
 
 
+@pytest.mark.latest_stack
 @pytest.mark.parametrize("impl", ["sdpa", "eager", VARLEN])
 def test_each_sample_packed_equals_alone(mixed, attention, impl):
     model, dataset = mixed
@@ -220,6 +221,7 @@ def test_each_sample_packed_equals_alone(mixed, attention, impl):
     assert (packed_sum / packed_n).item() == pytest.approx((ref_sum / ref_n).item(), rel=1e-5)
 
 
+@pytest.mark.latest_stack
 @pytest.mark.parametrize("impl", ["sdpa", "eager", VARLEN])
 def test_no_attention_across_sample_boundaries(mixed, attention, impl):
     """Changing one sample's tokens and image changes its own logits and no other sample's."""

@@ -57,3 +57,24 @@ def test_the_texts_tell_legacy_from_non_legacy_and_the_slow_from_the_fast_tokeni
 
 def test_byte_level_tokenizers_are_not_sentencepiece_llama(llama3_tokenizer):
     assert not is_sentencepiece_llama(llama3_tokenizer)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "non-legacy"])
+def test_a_saved_tokenizer_reloads_with_the_same_slow_ids(llama_tokenizer_dir, tmp_path, legacy):
+    """transformers 5.x saves no tokenizer.model and drops `legacy` / `add_bos_token`; `save_tokenizer` keeps them,
+    so a model directory tokenizes as it trained, on either stack."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from llava_sft.data.sentencepiece_llama import save_tokenizer
+
+    original = AutoTokenizer.from_pretrained(llama_tokenizer_dir, use_fast=False, legacy=legacy)
+    save_tokenizer(original, tmp_path / "saved")
+    assert (tmp_path / "saved" / "tokenizer.model").is_file()
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config["legacy"] is legacy and config["add_bos_token"] is True
+    assert not isinstance(config.get("extra_special_tokens"), list)  # 4.x reads only a dict there
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved", use_fast=False)
+    for text in TEXTS:
+        assert SlowLlamaEncoder.of(reloaded)(text) == SlowLlamaEncoder.of(original)(text), text

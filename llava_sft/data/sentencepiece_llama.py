@@ -170,5 +170,14 @@ def save_tokenizer(tokenizer, out_dir) -> None:
               "add_eos_token": encoder.eos_id is not None}
     if not encoder.add_prefix_space:  # the default (True) stays unwritten: 4.x's fast class would convert from slow
         wanted["add_prefix_space"] = False
-    if any(config.get(k) != v for k, v in wanted.items()):
-        config_file.write_text(json.dumps({**config, **wanted}, indent=2, ensure_ascii=False) + "\n")
+    changed = any(config.get(k) != v for k, v in wanted.items())
+    config.update(wanted)
+    # 5.x lists the named special tokens again under extra_special_tokens, a list that 4.x cannot read (it wants a
+    # dict): repeats of named tokens are dropped, so the directory loads on the reproduction stack too
+    named = {config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list) and all(isinstance(t, str) and t in named for t in extra):
+        del config["extra_special_tokens"]
+        changed = True
+    if changed:
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
