@@ -118,6 +118,10 @@ class TrainConfig:
     micro_batch_size: int = 16  # samples per forward pass per rank
     lr: float = 1e-3
     projector_lr: float | None = None  # the projector's own learning rate (LLaVA's mm_projector_lr); None = lr
+    # Train the vision tower too (LLaVA-NeXT's unfreeze_mm_vision_tower), at its own learning rate
+    # (mm_vision_tower_lr; None = lr). Off in every paper recipe: the tower stays frozen in both stages.
+    train_vision_tower: bool = False
+    vision_tower_lr: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_schedule: str = "cosine"  # "cosine" or "constant" (both after linear warmup)
@@ -222,6 +226,7 @@ CHOICES = {
 RANGES = {
     "train.global_batch_size": (1, False), "train.micro_batch_size": (1, False), "train.epochs": (0, True),
     "train.max_steps": (1, False), "train.lr": (0, True), "train.projector_lr": (0, True),
+    "train.vision_tower_lr": (0, True),
     "train.warmup_ratio": (0, False), "train.grad_clip": (0, False), "train.weight_decay": (0, False),
     "train.save_every": (0, False), "train.save_every_minutes": (0, False), "train.keep_last": (1, False),
     "train.log_every": (1, False), "data.max_length": (2, False), "data.num_workers": (0, False),
@@ -298,6 +303,15 @@ def _engine_errors(train: TrainConfig, quantized: bool) -> list[str]:
                       "train.deepspeed=configs/deepspeed/zero2.json")
     if train.fsdp_shard_size and train.engine != "fsdp2":
         errors.append(f"train.fsdp_shard_size={train.fsdp_shard_size} applies to train.engine=fsdp2 only")
+    if train.train_vision_tower and train.engine == "fsdp2":
+        errors.append("train.train_vision_tower=true needs train.engine=ddp or DeepSpeed ZeRO-2: FSDP2 keeps the "
+                      "vision tower whole, as buffers, on every rank")
+    if train.train_vision_tower and not train.save_full_model:
+        errors.append("train.train_vision_tower=true needs train.save_full_model=true: a projector-only output "
+                      "would drop the trained tower")
+    if train.vision_tower_lr is not None and not train.train_vision_tower:
+        errors.append(f"train.vision_tower_lr={train.vision_tower_lr} is set but train.train_vision_tower=false: "
+                      f"the tower is frozen (set train.train_vision_tower=true, or remove the LR)")
     if train.compile and (train.engine == "deepspeed" or train.engine == "auto" and train.deepspeed):
         errors.append("train.compile=true is for train.engine=ddp or fsdp2 (DeepSpeed's hooks and torch.compile "
                       "are not tested together here)")

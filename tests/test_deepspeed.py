@@ -99,6 +99,19 @@ def test_bad_deepspeed_configs_fail_before_training(llama_tokenizer_dir, shapes,
         assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before anything ran
 
 
+def test_a_trained_vision_tower_is_refused_under_zero3(llama_tokenizer_dir, shapes, tmp_path):
+    """ZeRO-3 keeps the tower whole as buffers (train.train_vision_tower would train nothing there): refused
+    when the engine is made, before any model loads; ZeRO-2 takes it."""
+    from llava_sft.train.engines.deepspeed import DeepSpeedEngine
+
+    cfg = run_config(llama_tokenizer_dir, shapes, tmp_path / "run", stage=2, train_vision_tower=True,
+                     deepspeed=str(ds_json(tmp_path, "zero3.json")))
+    with pytest.raises(DeepSpeedConfigError, match="train_vision_tower=true needs ZeRO-2"):
+        DeepSpeedEngine(cfg, world=1, rank=0)
+    cfg.train.deepspeed = str(ds_json(tmp_path, "zero2.json"))
+    assert DeepSpeedEngine(cfg, world=1, rank=0).stage == 2
+
+
 @pytest.mark.latest_stack
 @pytest.mark.timeout(420)
 def test_stage1_zero2_matches_one_process_and_resumes_exactly(llama_tokenizer_dir, shapes, tmp_path):

@@ -91,6 +91,15 @@ def test_step_flops_match_flop_counter(llama_tokenizer_dir, tmp_path, stage):
     assert model_flops == pytest.approx(counter, rel=0.02)
 
 
+def test_step_flops_match_with_a_trained_vision_tower(llama_tokenizer_dir, tmp_path):
+    model = model_for(tmp_path, llama_tokenizer_dir, 2)
+    model.set_trainable(True, True, train_vision_tower=True)
+    model_flops, _, counter = each_sample(model)
+    frozen = each_sample(model_for(tmp_path, llama_tokenizer_dir, 2))[0]
+    assert model_flops > frozen  # the tower's backward and the projector's first input gradient
+    assert model_flops == pytest.approx(counter, rel=0.02)
+
+
 def test_lora_step_flops_match(llama_tokenizer_dir, tmp_path):
     model = model_for(tmp_path, llama_tokenizer_dir, 2, lora=True)
     model_flops, _, counter = each_sample(model)

@@ -106,7 +106,7 @@ class LlavaModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[N,3,H,W] pixels -> [N, tokens_per_image, llm_hidden] projected features."""
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_tower_trains):
             feats = self.vision_tower(images)
         proj_dtype = next(self.projector.parameters(), feats).dtype
         return self.projector(feats.to(proj_dtype))
@@ -167,9 +167,16 @@ class LlavaModel(nn.Module):
         return self.llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **gen_kwargs)
 
     # ----------------------------------------------------------------- freezing
-    def set_trainable(self, train_projector: bool, train_llm: bool) -> dict[str, tuple[int, int]]:
-        """Freeze/unfreeze modules (the vision tower is always frozen); returns {module: (trainable, total)}."""
-        self.vision_tower.requires_grad_(False)
+    @property
+    def vision_tower_trains(self) -> bool:
+        return any(p.requires_grad for p in self.vision_tower.parameters())
+
+    def set_trainable(self, train_projector: bool, train_llm: bool,
+                      train_vision_tower: bool = False) -> dict[str, tuple[int, int]]:
+        """Freeze/unfreeze modules (the vision tower is frozen unless `train_vision_tower`; it stays in eval mode
+        either way: the CLIP ViTs have no dropout or batch norm, so training it changes only its weights);
+        returns {module: (trainable, total)}."""
+        self.vision_tower.requires_grad_(train_vision_tower)
         self.projector.requires_grad_(train_projector)
         if is_lora(self.llm):  # the base LLM stays frozen; "training the LLM" trains its adapters
             for name, param in self.llm.named_parameters():

@@ -10,7 +10,9 @@ Contract (`VisionTower`), what every encoder provides:
     hidden_size       feature width;  num_patches  patch tokens per image;  image_size  input side in pixels
     image_mean/std    normalisation the encoder was trained with;  num_prefix_tokens  tokens before the patches
 Freezing is the base class's (`freeze()`: no grad, eval mode kept even when the parent is put in train mode);
-towers are never handed to the optimizer.
+a frozen tower is never handed to the optimizer. `train.train_vision_tower` unfreezes its weights
+(`LlavaModel.set_trainable`; it stays in eval mode), so `forward` must not disable autograd itself: the caller
+decides (`LlavaModel.encode_images` runs it without grad unless it trains).
 
 Adding an encoder = one small file in model/encoders/ with a `VisionTower` subclass + one line in `ENCODERS`
 below (or `@register_vision_tower("name")` on a class defined anywhere). See docs/encoders.md.

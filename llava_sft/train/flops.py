@@ -12,7 +12,9 @@ activations and softmax are not FLOPs there), and checked against it (tests/test
     for its input gradient, and again for its weight gradient when it trains.
   Projector, per image token: 2 x weights forward, 2 x weights for its weight gradients, 2 x weights of every layer
     but the first for the activation gradients (the tower's output needs none).
-  Vision tower: forward only (frozen), measured once per image with FlopCounterMode on a blank image at start-up.
+  Vision tower: measured once per image with FlopCounterMode on a blank image at start-up: its forward when frozen,
+    forward + backward when it trains (train.train_vision_tower; the projector's first layer then needs its
+    activation gradient too).
 MFU counts this work; HFU adds what gradient checkpointing recomputes: the decoder layers' forward once more, less
 each layer's last linear map (down_proj) under non-reentrant checkpointing, whose recompute stops once the last
 tensor backward needs is rebuilt (torch.utils.checkpoint's early stop; the reentrant variant, used under ZeRO-3,
@@ -42,6 +44,7 @@ class FlopModel:
     llm_weights_train: bool
     head_trains: bool
     projector_trains: bool
+    tower_trains: bool
     recompute: int  # decoder linear weights recomputed by gradient checkpointing (0 = off)
 
     @classmethod
@@ -68,6 +71,7 @@ class FlopModel:
                    tower_per_image=tower_flops_per_image(model.vision_tower), llm_weights_train=llm_weights_train,
                    head_trains=head.weight.requires_grad,
                    projector_trains=any(p.requires_grad for p in model.projector.parameters()),
+                   tower_trains=any(p.requires_grad for p in model.vision_tower.parameters()),
                    recompute=(linear + lora - (0 if reentrant else last_linears(llm))) if checkpointing else 0)
 
     def step(self, lengths: list[int], supervised: int, images: int, image_tokens: int) -> tuple[float, float]:
@@ -77,7 +81,8 @@ class FlopModel:
         linear_fwd = 2 * (self.linear + self.lora) * tokens
         attention_fwd = 4 * squares * self.attention_width * self.layers
         # backward through the LLM when something before or in it trains (Stage 1: only a batch with images)
-        backward = self.llm_weights_train or self.lora > 0 or (self.projector_trains and images > 0)
+        backward = self.llm_weights_train or self.lora > 0 or (
+            (self.projector_trains or self.tower_trains) and images > 0)
         llm = linear_fwd + attention_fwd
         if backward:
             llm += 2 * self.linear * tokens * (2 if self.llm_weights_train else 1) + 4 * self.lora * tokens
@@ -86,7 +91,11 @@ class FlopModel:
         n = images * image_tokens
         projector = 2 * self.projector * n
         if self.projector_trains:
-            projector += 2 * self.projector * n + 2 * (self.projector - self.projector_first) * n
+            projector += 2 * self.projector * n
+        if self.projector_trains or self.tower_trains:
+            projector += 2 * (self.projector - self.projector_first) * n
+        if self.tower_trains:
+            projector += 2 * self.projector_first * n
         model = llm + head + projector + self.tower_per_image * images
         return float(model), float(model + (2 * self.recompute * tokens + attention_fwd if self.recompute else 0))
 
@@ -103,15 +112,22 @@ def last_linears(llm) -> int:
 
 
 def tower_flops_per_image(tower) -> float:
-    """Forward FLOPs of the vision tower for one image, counted by FlopCounterMode (whatever the encoder)."""
+    """FLOPs of the vision tower for one image, counted by FlopCounterMode (whatever the encoder): its forward, and
+    when it trains (train.train_vision_tower) its backward too, as autograd runs it (no input gradient)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     param = next(iter(tower.parameters()), None)
     buffer = next(iter(tower.buffers()), None)
     device = (param if param is not None else buffer).device if (param is not None or buffer is not None) else "cpu"
+    trains = [p for p in tower.parameters() if p.requires_grad]
+    grads = [p.grad for p in trains]
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        tower(torch.zeros(1, 3, tower.image_size, tower.image_size, device=device))
+    with torch.set_grad_enabled(bool(trains)), counter:
+        out = tower(torch.zeros(1, 3, tower.image_size, tower.image_size, device=device))
+        if trains:
+            out.float().sum().backward()
+    for p, grad in zip(trains, grads, strict=True):  # leave no trace of the measurement
+        p.grad = grad
     return float(counter.get_total_flops())
 
 

@@ -27,16 +27,19 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, projector_lr: float | None = None) -> list[dict]:
-    """Weight decay on matrices only (not on biases and norm weights), as HF Trainer / LLaVA;
-    the projector may have its own learning rate (LLaVA's mm_projector_lr)."""
-    groups: dict[tuple[bool, bool], list] = {}
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, projector_lr: float | None = None,
+                 vision_tower_lr: float | None = None) -> list[dict]:
+    """Weight decay on matrices only (not on biases and norm weights), as HF Trainer / LLaVA; the projector and
+    a trained vision tower may have their own learning rates (LLaVA's mm_projector_lr, LLaVA-NeXT's
+    mm_vision_tower_lr)."""
+    own_lr = {"projector.": projector_lr or lr, "vision_tower.": vision_tower_lr or lr}
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((name.startswith("projector."), p.ndim >= 2), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "lr": (projector_lr or lr) if is_projector else lr}
-            for (is_projector, decay), params in sorted(groups.items())]
+            part = next((prefix for prefix in own_lr if name.startswith(prefix)), "")
+            groups.setdefault((part, p.ndim >= 2), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": own_lr.get(part, lr)}
+            for (part, decay), params in sorted(groups.items())]
 
 
 def check_master_weights(model: torch.nn.Module, engine_keeps_masters: bool) -> None:

@@ -97,7 +97,8 @@ class Probe:
         # the vision tower's weights are buffers under ZeRO-3 and FSDP2 (engines.base.params_to_buffers): hash its state dict
         frozen = {f"llm.{n}": p for n, p in model.llm.named_parameters() if not p.requires_grad}
         frozen.update({f"projector.{n}": p for n, p in model.projector.named_parameters() if not p.requires_grad})
-        frozen.update({f"vision_tower.{n}": t for n, t in model.vision_tower.state_dict().items()})
+        if not model.vision_tower_trains:  # (train.train_vision_tower; refused where the tower is buffers)
+            frozen.update({f"vision_tower.{n}": t for n, t in model.vision_tower.state_dict().items()})
         self._frozen = frozen
         self._hashes = {n: _digest(t) for n, t in frozen.items()}
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)

@@ -105,7 +105,7 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
 
     engine.before_model_build()  # ZeRO-3: the LLM is loaded partitioned
     model, tokenizer, dataset = build(cfg, device, rank, world)
-    log_trainable(model.set_trainable(train_cfg.train_projector, train_cfg.train_llm))
+    log_trainable(model.set_trainable(train_cfg.train_projector, train_cfg.train_llm, train_cfg.train_vision_tower))
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model.llm, reentrant=engine.reentrant_checkpointing)
     # from_pretrained returns the LLM in eval mode, and transformers checkpoints a decoder layer only in training
@@ -118,12 +118,14 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * plan.steps_per_epoch)
     warn_about_repeats(plan.repeated_per_epoch(), dataset.num_samples, train_cfg.global_batch_size)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("nothing to train: set train.train_projector and/or train.train_llm")
+        raise ValueError("nothing to train: set train.train_projector, train.train_llm and/or "
+                         "train.train_vision_tower")
     check_master_weights(model, engine.keeps_fp32_masters)
     # FLOPs per micro-batch from its real shapes (train/flops.py), for `mfu` / `hfu` when the peak is known
     peak = peak_flops(train_cfg.flops_per_second_peak, device)
     flop_model = FlopModel.of(model, train_cfg.gradient_checkpointing, engine.reentrant_checkpointing) if peak else None
-    engine.setup(model, lambda m: param_groups(m, train_cfg.weight_decay, train_cfg.lr, train_cfg.projector_lr),
+    engine.setup(model, lambda m: param_groups(m, train_cfg.weight_decay, train_cfg.lr, train_cfg.projector_lr,
+                                               train_cfg.vision_tower_lr),
                  lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.lr_schedule))
     probe = Probe.from_env(rank)  # python -m llava_sft.preflight measures the run from inside (train/probe.py)
     if probe is not None:

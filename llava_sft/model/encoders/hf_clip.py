@@ -22,7 +22,6 @@ class HFClipVisionTower(VisionTower):
         self.num_patches = (config.image_size // config.patch_size) ** 2
         self.check_select_layer(config.num_hidden_layers)
 
-    @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixels.to(self.model.dtype), output_hidden_states=True)
         return self.select_hidden_state(out.hidden_states)

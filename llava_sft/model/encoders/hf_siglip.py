@@ -25,7 +25,6 @@ class HFSiglipVisionTower(VisionTower):
         self.num_patches = (config.image_size // config.patch_size) ** 2
         self.check_select_layer(config.num_hidden_layers)   # clear error for an out-of-range select_layer
 
-    @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixels.to(self.model.dtype), output_hidden_states=True)
         return self.select_hidden_state(out.hidden_states)  # hidden_states[select_layer], prefix tokens dropped

@@ -170,7 +170,6 @@ class OpenClipVisionTower(VisionTower):
             cfg.quick_gelu, self.image_size, self.num_patches, self.hidden_size, self.block_index + 1, depth,
         )
 
-    @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.visual.forward_intermediates(
             pixels.to(self.visual.conv1.weight.dtype), indices=[self.block_index], stop_early=True,

@@ -30,7 +30,6 @@ class TimmViTVisionTower(VisionTower):
         file = {"pretrained_cfg_overlay": {"file": cfg.pretrained}} if cfg.pretrained and Path(cfg.pretrained).is_file() else {}
         return timm.create_model(cfg.model, pretrained=bool(cfg.pretrained), num_classes=0, **file, **(cfg.model_kwargs or {}))
 
-    @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         cls = self.cfg.select_feature == "cls_patch"
         out, = self.trunk.forward_intermediates(

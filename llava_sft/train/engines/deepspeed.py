@@ -132,6 +132,10 @@ class DeepSpeedEngine(Engine):
         # resolved before anything starts: a bad DeepSpeed JSON is a clear error now
         self.config = resolve_config(cfg.train.deepspeed, cfg.train, world, cuda, quantized)
         self.stage = zero_stage(self.config)
+        if self.stage == 3 and cfg.train.train_vision_tower:
+            raise DeepSpeedConfigError("train.train_vision_tower=true needs ZeRO-2 (configs/deepspeed/zero2.json) or "
+                                       "train.engine=ddp: ZeRO-3 keeps the vision tower whole, as buffers, on every "
+                                       "rank")
         self.bf16 = bool(self.config["bf16"]["enabled"])
         self.reentrant_checkpointing = self.stage == 3  # see train/build.py enable_gradient_checkpointing
         self._hf_ds_config = None
