@@ -11,7 +11,8 @@ stages plus a scored eval set::
     DIR/eval/answers.jsonl      ground truth for llava_sft.eval.shapes.score_shapes
     DIR/eval/blank.png          empty canvas for the 'blind' baseline
     DIR/meta.jsonl              per-image ground truth (colour, shape, cell, centre, size)
-    DIR/corpus.txt              every question/answer text, one per line
+    DIR/corpus.txt              every question/answer text, one per line (+ the prose)
+    DIR/prose.txt               with --n-prose: plain prose about fresh scenes, the base LLM's pretraining text
     DIR/manifest.json           arguments, vocabularies and counts
 
 Usage: ``python -m data_prep.make_shapes --out DIR [--seed 0] ...``.
@@ -196,6 +197,47 @@ def text_only_qa(rng: random.Random) -> tuple[str, str]:
     return f"How many sides does a {shape} have?", sides
 
 
+def prose(rng: random.Random, shapes: list[Shape]) -> str:
+    """A paragraph of plain prose about one scene, for pretraining the demo's base LLM (no chat format): its
+    caption, then facts about colours, shapes, positions, counts and absent objects, some as question and answer."""
+    def where(pos: str) -> str:
+        return "in the center" if pos == "center" else (f"on the {pos}" if pos in ("left", "right")
+                                                         else f"at the {pos}")
+
+    kinds = Counter(s.shape for s in shapes)
+    colors = Counter(s.color for s in shapes)
+    n = len(shapes)
+    facts = [f"There {'is one shape' if n == 1 else f'are {n} shapes'} in this picture."]
+    for s in shapes:
+        facts.append(f"The {s.color} {s.shape} is {where(s.position)}.")
+        if kinds[s.shape] == 1:
+            facts.append(rng.choice((f"The {s.shape} is {s.color}.", f"What color is the {s.shape}? {s.color}.")))
+        if colors[s.color] == 1:
+            facts.append(rng.choice((f"The {s.color} shape is a {s.shape}.",
+                                     f"What shape is {s.color}? A {s.shape}.")))
+    present = {(s.color, s.shape) for s in shapes}
+    color, shape = rng.choice([p for p in PAIRS if p not in present])
+    facts.append(rng.choice((f"There is no {color} {shape}.", f"Is there a {color} {shape}? No.")))
+    s = rng.choice(shapes)
+    facts.append(f"Is there a {s.color} {s.shape}? Yes.")
+    facts.append(f"How many {s.shape}s are there? {kinds[s.shape]}.")
+    rng.shuffle(facts)
+    text = caption(shapes)
+    return " ".join([text[0].upper() + text[1:]] + facts)
+
+
+def prose_lines(rng: random.Random, n: int, image_size: int) -> list[str]:
+    """`n` scene paragraphs (layouts drawn afresh, never rendered) and, one in ten lines, facts of the world."""
+    lines = []
+    for _ in range(n):
+        if rng.random() < 0.1:
+            question, answer = text_only_qa(rng)
+            lines.append(f"{question} {answer}.")
+        else:
+            lines.append(prose(rng, sample_layout(rng, image_size)))
+    return lines
+
+
 def with_image(question: str, rng: random.Random) -> str:
     return f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
 
@@ -313,7 +355,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 3000,
              n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1, max_rounds: int = 3,
              scene_frac: float = 0.0, min_rounds: int = 1, image_first: float = 0.5,
-             type_weights: str = "") -> dict:
+             type_weights: str = "", n_prose: int = 0) -> dict:
     """Write the whole dataset under ``out`` and return the manifest."""
     if image_size < 32:
         raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
@@ -321,7 +363,7 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
         raise ValueError("text_only_frac must be in [0, 1)")
     args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
             "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds, "min_rounds": min_rounds,
-            "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights}
+            "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights, "n_prose": n_prose}
     (out / "eval").mkdir(parents=True, exist_ok=True)
     images = ImageWriter(out, image_size)
     stage2_types: Counter = Counter()
@@ -339,6 +381,10 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
     Image.new("RGB", (image_size, image_size), BACKGROUND).save(out / "eval" / "blank.png")
     write_jsonl(out / "meta.jsonl", images.meta)
     lines = corpus_lines(stage1, stage2, questions, answers)
+    if n_prose:  # the base LLM's pretraining text (data_prep/pretrain_base.py); the tokenizer learns it too
+        prose_text = prose_lines(random.Random(f"{seed}-prose"), n_prose, image_size)
+        (out / "prose.txt").write_text("\n".join(prose_text) + "\n")
+        lines += prose_text
     (out / "corpus.txt").write_text("\n".join(lines) + "\n")
 
     manifest = {
@@ -375,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-rounds", type=int, default=1, help="fewest question/answer rounds per stage-2 sample")
     parser.add_argument("--image-first", type=float, default=0.5,
                         help="probability that <image> precedes the first stage-2 question (else it follows)")
+    parser.add_argument("--n-prose", type=int, default=0,
+                        help="scene paragraphs of plain prose for pretraining the base LLM (DIR/prose.txt)")
     parser.add_argument("--type-weights", default="",
                         help="stage-2 question type weights, e.g. color=1,exists=1.5,describe=0.5 (default: equal)")
     kwargs = vars(parser.parse_args(argv))

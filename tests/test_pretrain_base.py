@@ -1,0 +1,78 @@
+"""data_prep/pretrain_base.py at tiny sizes: the demo's base LLM (next-token prediction on generated prose) and
+CLIP-style tower (open_clip's contrastive loss on the Stage-1 pairs) learn, land where the demo configs read
+them, load through the same code as any recipe's Vicuna / CLIP, and are reused when nothing changed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from data_prep.make_shapes import generate as make_shapes
+from data_prep.pretrain_base import main as pretrain_main
+from llava_sft.data.tokenizer_train import train_llama_tokenizer
+
+pytestmark = pytest.mark.slow  # two small pretraining runs: about a minute
+
+REPO_ARCH = "configs/demo/tiny-clip.json"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain_base")
+    make_shapes(root / "data", seed=2, image_size=48, n_stage1=128, n_stage2=8, n_eval=2, n_prose=200)
+    corpus = (root / "data" / "corpus.txt").read_text().splitlines()
+    train_llama_tokenizer(corpus, root / "data" / "tokenizer", vocab_size=400)
+    args = ["--data", str(root / "data"), "--tokenizer", str(root / "data" / "tokenizer"), "--out", str(root / "base"),
+            "--arch", REPO_ARCH, "--lm-steps", "30", "--lm-batch", "8", "--lm-seq-len", "64",
+            "--clip-steps", "60", "--clip-batch", "32"]
+    pretrain_main(args)
+    return root, args
+
+
+def test_the_prose_is_plain_text_about_the_world_without_chat_turns(base):
+    root, _ = base
+    prose = (root / "data" / "prose.txt").read_text().splitlines()
+    assert len(prose) == 200
+    assert not any("USER" in line or "ASSISTANT" in line or "<image>" in line for line in prose)
+    assert sum("There is no" in line or "? No." in line for line in prose) > 50  # absent objects too
+    corpus = (root / "data" / "corpus.txt").read_text()
+    assert prose[0] in corpus  # the tokenizer learns the prose's words
+
+
+def test_both_base_models_learn(base):
+    root, _ = base
+    losses = json.loads((root / "base" / "losses.json").read_text())
+    for name in ("llm", "clip"):
+        first, last = sum(losses[name][:5]) / 5, sum(losses[name][-5:]) / 5
+        assert last < 0.9 * first, (name, first, last)
+
+
+def test_the_base_models_load_as_a_recipe_loads_vicuna_and_clip(base, tmp_path):
+    from safetensors.torch import load_file
+
+    from llava_sft.config import ModelConfig, from_dict
+    from llava_sft.model.llava import LlavaModel
+
+    root, _ = base
+    cfg = from_dict(ModelConfig, {
+        "vision": {"name": "openclip", "model": "tiny-clip", "model_config_file": REPO_ARCH,
+                   "pretrained": str(root / "base" / "clip.pt")},
+        "projector": "mlp2x_gelu", "llm": {"path": str(root / "base" / "llm")},
+        "tokenizer": str(root / "base" / "llm"), "image_aspect": "pad"})
+    model = LlavaModel(cfg)
+    saved = torch.load(root / "base" / "clip.pt")
+    for name, value in model.vision_tower.visual.state_dict().items():
+        assert torch.equal(value, saved[f"visual.{name}"]), name
+    llm = load_file(str(root / "base" / "llm" / "model.safetensors"))
+    for name, value in model.llm.state_dict().items():
+        assert torch.equal(value, llm[name]), name
+    assert model.tokens_per_image == 9  # one token per cell of the 3 x 3 grid
+
+
+def test_a_second_run_with_the_same_inputs_reuses_the_models(base, capsys):
+    root, args = base
+    before = (root / "base" / "clip.pt").stat().st_mtime_ns
+    pretrain_main(args)
+    assert "reused" in capsys.readouterr().out
+    assert (root / "base" / "clip.pt").stat().st_mtime_ns == before
