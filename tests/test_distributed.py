@@ -19,7 +19,6 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.latest_stack
 @pytest.mark.timeout(300)
 def test_two_ranks_match_one_rank(llama_tokenizer_dir, tmp_path):
     data = tmp_path / "data"
