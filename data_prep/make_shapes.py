@@ -45,6 +45,9 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 EVAL_TYPES = ("color", "shape", "count", "position", "exists")
 STAGE2_TYPES = EVAL_TYPES + ("describe",)
+# --ablation-sets (scripts/demo_ablations.sh, the LIMA row): the full Stage-2 set, N_SMALL samples drawn from it
+# (every question type), and as many fresh samples as the full set asking only TWO_TYPES (quantity without diversity)
+N_SMALL, TWO_TYPES = 1000, ("color", "shape")
 SUPERSAMPLE = 4  # draw at 4x and box-downsample for anti-aliased edges
 SIZE_RANGE = (0.6, 0.8)  # shape extent as a fraction of the cell size
 
@@ -209,7 +212,8 @@ def prose(rng: random.Random, shapes: list[Shape]) -> str:
     n = len(shapes)
     facts = [f"There {'is one shape' if n == 1 else f'are {n} shapes'} in this picture."]
     for s in shapes:
-        facts.append(f"The {s.color} {s.shape} is {where(s.position)}.")
+        facts.append(rng.choice((f"The {s.color} {s.shape} is {where(s.position)}.",
+                                 f"Where is the {s.color} {s.shape}? {s.position}.")))
         if kinds[s.shape] == 1:
             facts.append(rng.choice((f"The {s.shape} is {s.color}.", f"What color is the {s.shape}? {s.color}.")))
         if colors[s.color] == 1:
@@ -252,14 +256,14 @@ def conversation(qas: list[tuple[str, str]]) -> list[dict]:
 class ImageWriter:
     """Renders layouts to sequentially numbered PNGs and records their metadata."""
 
-    def __init__(self, out: Path, image_size: int):
+    def __init__(self, out: Path, image_size: int, prefix: str = ""):
         self.dir = out / "images"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.image_size = image_size
+        self.image_size, self.prefix = image_size, prefix
         self.meta: list[dict] = []
 
     def write(self, shapes: list[Shape], split: str) -> str:
-        name = f"{len(self.meta):06d}.png"
+        name = f"{self.prefix}{len(self.meta):06d}.png"
         render(shapes, self.image_size).save(self.dir / name, format="PNG")
         self.meta.append({"image": name, "split": split, "shapes": [s.meta() for s in shapes]})
         return name
@@ -355,7 +359,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 3000,
              n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1, max_rounds: int = 3,
              scene_frac: float = 0.0, min_rounds: int = 1, image_first: float = 0.5,
-             type_weights: str = "", n_prose: int = 0) -> dict:
+             type_weights: str = "", n_prose: int = 0, ablation_sets: bool = False) -> dict:
     """Write the whole dataset under ``out`` and return the manifest."""
     if image_size < 32:
         raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
@@ -363,7 +367,8 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
         raise ValueError("text_only_frac must be in [0, 1)")
     args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
             "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds, "min_rounds": min_rounds,
-            "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights, "n_prose": n_prose}
+            "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights, "n_prose": n_prose,
+            "ablation_sets": ablation_sets}
     (out / "eval").mkdir(parents=True, exist_ok=True)
     images = ImageWriter(out, image_size)
     stage2_types: Counter = Counter()
@@ -373,9 +378,19 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
                          stage2_types, max_rounds, scene_frac, min_rounds, image_first,
                          {k: float(v) for k, v in (kv.split("=") for kv in type_weights.split(","))} if type_weights else None)
     questions, answers = make_eval(random.Random(f"{seed}-eval"), n_eval, images)
+    extra_sets = {}
+    if ablation_sets:  # after the main sets, own generators and image names: those stay byte-identical
+        extra_sets["stage2_1k.json"] = random.Random(f"{seed}-small").sample(stage2, min(N_SMALL, len(stage2)))
+        writer = ImageWriter(out, image_size, prefix="twotypes_")
+        extra_sets["stage2_two_types.json"] = make_stage2(
+            random.Random(f"{seed}-two-types"), n_stage2, text_only_frac, writer, Counter(), max_rounds, scene_frac,
+            min_rounds, image_first, {t: 1.0 for t in TWO_TYPES})
+        images.meta += writer.meta
 
     write_json(out / "stage1.json", stage1)
     write_json(out / "stage2.json", stage2)
+    for name, samples in extra_sets.items():
+        write_json(out / name, samples)
     write_jsonl(out / "eval" / "questions.jsonl", questions)
     write_jsonl(out / "eval" / "answers.jsonl", answers)
     Image.new("RGB", (image_size, image_size), BACKGROUND).save(out / "eval" / "blank.png")
@@ -400,6 +415,7 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
             "eval": {"questions": len(questions),
                      "by_type": dict(sorted(Counter(q["category"] for q in questions).items()))},
             "corpus_lines": len(lines),
+            **({"ablation_sets": {name: len(samples) for name, samples in extra_sets.items()}} if extra_sets else {}),
         },
     }
     write_json(out / "manifest.json", manifest)
@@ -423,6 +439,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="probability that <image> precedes the first stage-2 question (else it follows)")
     parser.add_argument("--n-prose", type=int, default=0,
                         help="scene paragraphs of plain prose for pretraining the base LLM (DIR/prose.txt)")
+    parser.add_argument("--ablation-sets", action="store_true",
+                        help=f"also write stage2_1k.json ({N_SMALL} samples of stage2.json) and stage2_two_types.json "
+                             f"(as many samples, {' and '.join(TWO_TYPES)} questions only) for scripts/demo_ablations.sh")
     parser.add_argument("--type-weights", default="",
                         help="stage-2 question type weights, e.g. color=1,exists=1.5,describe=0.5 (default: equal)")
     kwargs = vars(parser.parse_args(argv))

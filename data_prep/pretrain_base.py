@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arch", type=Path, default=Path("configs/demo/tiny-clip.json"), help="open_clip CLIP JSON")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lm-steps", type=int, default=300)
+    ap.add_argument("--lm-steps", type=int, default=600)
     ap.add_argument("--lm-batch", type=int, default=32)
     ap.add_argument("--lm-seq-len", type=int, default=128)
-    ap.add_argument("--lm-lr", type=float, default=3e-3)
-    ap.add_argument("--clip-steps", type=int, default=300)
+    ap.add_argument("--lm-lr", type=float, default=6e-3)
+    ap.add_argument("--clip-steps", type=int, default=200)
     ap.add_argument("--clip-batch", type=int, default=256)
     ap.add_argument("--clip-lr", type=float, default=1e-3)  # 2e-2 collapsed to chance at batch 32 (measured)
     args = ap.parse_args(argv)
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     prose_file, stage1_file = args.data / "prose.txt", args.data / "stage1.json"
     if not prose_file.is_file():
         raise SystemExit(f"{prose_file} is missing: generate it with python -m data_prep.make_shapes ... --n-prose N")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out",)}
+    # the inputs count by content (digested below), not by where they lie: a moved data directory is reused
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "data", "tokenizer", "arch")}
     record = {"settings": settings, "llm_config": LLM_CONFIG,
               "inputs": _digest(prose_file, stage1_file, args.tokenizer, args.arch)}
     stamp = args.out / "base.json"

@@ -96,6 +96,9 @@ class DataConfig:
     # a turn whose text holds the template's markers or special tokens ('</s>', 'USER:'): "refuse" (a bad sample,
     # under bad_samples) or "keep" (trained as is, counted in the start-up log)
     control_strings: str = "refuse"
+    # which tokens carry loss: "replies" (LLaVA: each assistant reply and its end-of-turn marker) or "all" (every
+    # text token, the prompt and the user's turns too: the "no loss masking" ablation, scripts/demo_ablations.sh)
+    loss_on: str = "replies"
     group_by_modality: bool = False  # LLaVA-1.5 group_by_modality_length batches
     num_workers: int = 2
     # Padding-free packing (data/packing.py): each rank's share of a global batch is packed into rows of at most
@@ -216,6 +219,7 @@ CHOICES = {
     "data.overlong": ("truncate", "drop"),
     "data.bad_samples": ("error", "skip"),
     "data.control_strings": ("refuse", "keep"),
+    "data.loss_on": ("replies", "all"),
     "data.check_images_at_start": ("header", "decode", "stat", "off"),
     "model.image_aspect": ("pad", "square"),
     "model.llm.dtype": ("float32", "bfloat16", "float16"),

@@ -1,46 +1,41 @@
 #!/usr/bin/env bash
-# Embedded CPU demo: data generation -> Stage 1 -> Stage 2 -> evaluation (under 10 minutes on 2 cores).
-#   bash scripts/demo.sh [key=value ...]     (config overrides, given to both training stages)
-# Writes data to $DEMO_DATA (data/demo) and runs to $DEMO_OUT (checkpoints/demo): stage1/, stage2/, eval/.
-# DEMO_BASE=pretrained: first pretrain the base models from the generated data (data_prep/pretrain_base.py, cached
-# in $DEMO_OUT/base/: an LLM on prose, a CLIP-style tower on image-caption pairs) and align to those
-# (configs/demo/base_stage*.yaml); the default (random) uses random-init ones (configs/demo/stage*.yaml).
+# Embedded CPU demo, the paper in miniature (under 10 minutes on 2 cores, nothing downloaded):
+#   base models -> Stage 1 (feature alignment) -> Stage 2 (visual instruction tuning) -> evaluation
+#   bash scripts/demo.sh [key=value ...]     (config overrides, given to both training stages, e.g. train.seed=1)
+# Writes data to $DEMO_DATA (data/demo) and runs to $DEMO_OUT (checkpoints/demo): base/, stage1/, stage2/, eval/.
+# The base models are pretrained here, from generated data, and cached in $OUT/base (data_prep/pretrain_base.py):
+# an LLM on plain prose about the demo's world, a CLIP-style tower on image-caption pairs. Stages 1 and 2 then load
+# them as the paper recipes load Vicuna and CLIP (configs/demo/base_stage*.yaml). DEMO_BASE=random instead aligns
+# to random-init ones (configs/demo/stage*.yaml: Stage 2 then trains a VLM from scratch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
-DATA=${DEMO_DATA:-data/demo}
-OUT=${DEMO_OUT:-checkpoints/demo}
-SIZES=${DEMO_SIZES:---n-stage1 3000 --n-stage2 6000 --n-eval 300}
-BASE=${DEMO_BASE:-random}
+BASE=${DEMO_BASE:-pretrained}
 case "$BASE" in
-  random) PROSE=(); CONFIGS=configs/demo/stage ;;
-  pretrained) PROSE=(--n-prose "${DEMO_PROSE:-20000}"); CONFIGS=configs/demo/base_stage ;;
-  *) echo "DEMO_BASE must be random or pretrained, got '$BASE'" >&2; exit 2 ;;
+  pretrained) CONFIGS=configs/demo/base_stage ;;
+  random) CONFIGS=configs/demo/stage; DEMO_PROSE=0 ;;
+  *) echo "DEMO_BASE must be pretrained or random, got '$BASE'" >&2; exit 2 ;;
 esac
-# Stage-2 samples: 2-5 rounds, image always before the first question (as at evaluation), fewer
-# long descriptions (they would dominate the token-averaged loss), more yes/no existence questions.
-SHAPES_ARGS="--min-rounds 2 --max-rounds 5 --image-first 1 --type-weights color=1,shape=1,count=1,position=1,exists=1.5,describe=0.5"
+source scripts/_demo_common.sh
 start=$(date +%s)
 
-echo "== 1/4 data: synthetic shapes images, captions, instructions, eval questions =="
-python -m data_prep.make_shapes --out "$DATA" --seed 0 --image-size 48 $SHAPES_ARGS $SIZES "${PROSE[@]}"
-python -m data_prep.make_tokenizer --corpus "$DATA/corpus.txt" --out "$DATA/tokenizer" --vocab-size 600
+echo "== 1/5 data: synthetic shapes images, captions, instructions, eval questions, prose =="
+demo_data
 rm -rf "$OUT/stage1" "$OUT/stage2" "$OUT/eval"
 common=(model.tokenizer="$DATA/tokenizer" data.image_folder="$DATA/images")
 if [ "$BASE" = pretrained ]; then
-  echo "== base models: an LLM pretrained on prose, a CLIP-style tower on image-caption pairs (cached) =="
-  python -m data_prep.pretrain_base --data "$DATA" --tokenizer "$DATA/tokenizer" --out "$OUT/base" ${DEMO_BASE_ARGS:-}
+  echo "== 2/5 base models: an LLM pretrained on prose, a CLIP-style tower on image-caption pairs (cached) =="
+  demo_base
   common+=(model.llm.path="$OUT/base/llm" model.vision.pretrained="$OUT/base/clip.pt")
 fi
 
-echo "== 2/4 Stage 1: feature alignment (projector only, frozen LLM, plain captions) =="
+echo "== 3/5 Stage 1: feature alignment (projector only, frozen LLM, plain captions) =="
 python -m llava_sft.train "${CONFIGS}1.yaml" "${common[@]}" data.path="$DATA/stage1.json" \
   train.output_dir="$OUT/stage1" "$@"
 
-echo "== 3/4 Stage 2: visual instruction tuning (projector + LLM, vicuna_v1) =="
+echo "== 4/5 Stage 2: visual instruction tuning (projector + LLM, vicuna_v1) =="
 python -m llava_sft.train "${CONFIGS}2.yaml" "${common[@]}" data.path="$DATA/stage2.json" \
   train.pretrained_projector="$OUT/stage1" train.output_dir="$OUT/stage2" "$@"
 
-echo "== 4/4 evaluation: held-out questions, with the image and blind =="
+echo "== 5/5 evaluation: held-out questions, with the image and blind =="
 python -m llava_sft.eval.run_shapes --model "$OUT/stage2" --data "$DATA" --out "$OUT/eval"
 echo "demo finished in $(( $(date +%s) - start )) s"

@@ -12,9 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(300)
-def test_demo_script_runs_both_stages_and_evaluation(tmp_path):
+def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluation(tmp_path):
     env = dict(os.environ, DEMO_DATA=str(tmp_path / "data"), DEMO_OUT=str(tmp_path / "out"),
-               DEMO_SIZES="--n-stage1 64 --n-stage2 64 --n-eval 10")
+               DEMO_SIZES="--n-stage1 64 --n-stage2 64 --n-eval 10", DEMO_PROSE="200",
+               DEMO_BASE_ARGS="--lm-steps 2 --lm-batch 4 --clip-steps 2 --clip-batch 16")
     result = subprocess.run(["bash", "scripts/demo.sh", "train.max_steps=2"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -22,4 +23,10 @@ def test_demo_script_runs_both_stages_and_evaluation(tmp_path):
     assert set(metrics["overall"]) == {"accuracy", "accuracy_blind"}
     assert set(metrics["by_type"]) == {"color", "count", "exists", "position", "shape"}
     assert (tmp_path / "out" / "stage2" / "llm" / "config.json").is_file()
+    # both stages loaded the base models the script pretrained, as the paper recipes load Vicuna and CLIP
+    base = tmp_path / "out" / "base"
+    assert (base / "llm" / "config.json").is_file() and (base / "clip.pt").is_file()
+    saved = json.loads((tmp_path / "out" / "stage1" / "llava_config.json").read_text())["model"]
+    assert saved["llm"]["path"] == str(base / "llm") and saved["vision"]["pretrained"] == str(base / "clip.pt")
+    assert "Stage 2" in result.stdout and "base models" in result.stdout
     assert "overall" in result.stdout  # the table is printed at the end

@@ -32,11 +32,11 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 
 
-def generate(out: Path, seed: int = 0) -> Path:
+def generate(out: Path, seed: int = 0, *extra: str) -> Path:
     args = [str(x) for kv in SMALL.items() for x in kv]
     subprocess.run(
         [sys.executable, "-m", "data_prep.make_shapes", "--out", str(out), "--seed", str(seed),
-         "--image-size", str(IMAGE_SIZE), *args],
+         "--image-size", str(IMAGE_SIZE), *args, *extra],
         cwd=REPO, check=True, capture_output=True, timeout=120,
     )
     return out
@@ -340,3 +340,30 @@ def test_stage2_mix_options(tmp_path):
     # exists has weight 3 of 7.25 (~41%), describe 0.25 (~3%)
     total = sum(kinds.values())
     assert 0.3 < kinds["exists"] / total < 0.55 and 0 < kinds["describe"] / total < 0.08
+
+
+def test_ablation_sets_leave_the_demo_data_unchanged_and_ask_what_they_say(tmp_path):
+    """--ablation-sets (scripts/demo_ablations.sh): the demo's own files stay byte-identical (so its tokenizer and
+    cached base models stay valid); stage2_1k.json is drawn from stage2.json; stage2_two_types.json has as many
+    samples as stage2.json, its image questions only about colour and shape, on images of its own."""
+    from data_prep.make_shapes import TEMPLATES
+
+    plain = read_tree(generate(tmp_path / "plain", 0, "--n-prose", "20"))
+    extended = read_tree(generate(tmp_path / "ext", 0, "--n-prose", "20", "--ablation-sets"))
+    for name, content in plain.items():
+        if name not in ("manifest.json", "meta.jsonl"):
+            assert extended[name] == content, name
+    stage2 = json.loads(plain["stage2.json"])
+    small = json.loads(extended["stage2_1k.json"])
+    assert len(small) == min(1000, len(stage2)) and all(s in stage2 for s in small)
+    two = json.loads(extended["stage2_two_types.json"])
+    assert len(two) == len(stage2)
+    allowed = [re.escape(t).replace(r"\{shape\}", "[a-z]+").replace(r"\{color\}", "[a-z]+")
+               for key in ("color", "shape") for t in TEMPLATES[key]]
+    for sample in two:
+        if "image" not in sample:
+            continue  # text-only chats, as in the full set
+        assert sample["image"].startswith("twotypes_") and f"images/{sample['image']}" in extended
+        for turn in sample["conversations"][0::2]:
+            question = turn["value"].replace("<image>", "").strip()
+            assert any(re.fullmatch(a, question) for a in allowed), question

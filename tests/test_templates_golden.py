@@ -336,3 +336,20 @@ def test_system_prompt_override_is_used_in_training_and_generation_prompts():
     segments = get("vicuna_v1", "").render([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}], 0)
     assert "".join(s.text for s in segments) == "USER: Hi ASSISTANT: Yo</s>"
     assert get("vicuna_v1").system.startswith("A chat between")  # the default is untouched
+
+
+@pytest.mark.parametrize("template_name", ["vicuna_v1", "plain"])
+def test_loss_on_all_supervises_every_text_token_and_keeps_the_ids(llama_tokenizer, template_name):
+    """data.loss_on=all (the no-masking ablation): the same token ids, every one of them a label except the
+    image placeholder (which splice turns into image positions, never supervised); the default stays LLaVA's."""
+    tok = llama_tokenizer
+    conv = CONV["multi_turn"] if template_name == "vicuna_v1" else [
+        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A red circle."}]
+    ids, labels = tokenize_conversation(conv, tok, get_template(template_name), num_images=1)
+    all_ids, all_labels = tokenize_conversation(conv, tok, get_template(template_name, loss_on="all"), num_images=1)
+    assert all_ids == ids
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1
+    assert all_labels == [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else t for t in ids]
+    assert sum(label != IGNORE_INDEX for label in labels) < len(ids) - 1  # the default masks the prompt
+    with pytest.raises(ValueError, match="loss_on must be"):
+        get_template(template_name, loss_on="prompt")

@@ -49,15 +49,29 @@ def tower_change(root, name) -> float:
     return max(float((saved[k] - loaded[k]).abs().max()) for k in loaded)
 
 
+def reported(root, name) -> dict:
+    """report.json's per-module parameter counts (what the start-up log prints), against the saved model's own."""
+    import json
+
+    counts = json.loads((root / name / "report.json").read_text())["parameters"]
+    model, _, _ = LlavaModel.from_pretrained(root / name)
+    for module in ("vision_tower", "projector", "llm"):
+        assert counts[module]["total"] == sum(p.numel() for p in getattr(model, module).parameters()), module
+    return {module: c["trainable"] for module, c in counts.items()}
+
+
 def test_the_tower_is_frozen_by_default_and_its_weights_are_bit_identical(llama_tokenizer_dir, setup):
     train(config(llama_tokenizer_dir, setup, "frozen"))
     assert tower_change(setup, "frozen") == 0.0
+    trainable = reported(setup, "frozen")
+    assert trainable["vision_tower"] == 0 and trainable["projector"] > 0 and trainable["llm"] > 0
 
 
 def test_a_trained_tower_moves_at_its_own_learning_rate(llama_tokenizer_dir, setup):
     train(config(llama_tokenizer_dir, setup, "trained", train_vision_tower=True, vision_tower_lr=1e-3))
     assert tower_change(setup, "trained") > 1e-4  # two AdamW steps of about lr each
     LlavaModel.from_pretrained(setup / "trained")  # the saved directory loads with its tower
+    assert reported(setup, "trained")["vision_tower"] > 0
     # its own LR is applied: an AdamW step moves a weight by about lr (|m / sqrt(v)| <= ~1), so at 1e-30 the
     # tower's weights move by ~1e-30 at most (zero biases visibly, the rest rounds away) while the LLM trains at lr
     train(config(llama_tokenizer_dir, setup, "tiny_lr", train_vision_tower=True, vision_tower_lr=1e-30))

@@ -193,6 +193,11 @@ def check_all(indices: list[int], exact: bool) -> dict[int, Checked]:
     ranges = [(indices[k], indices[min(k + step, len(indices)) - 1] + 1) for k in range(0, len(indices), step)]
     with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
         results = pool.map(_check_range, ranges, chunksize=1)
+        # close + join: the workers exit on their own. Leaving the block at once calls terminate(), which hung for
+        # 37 minutes in one of two concurrent demo runs (a worker blocked on the task queue's lock, the parent
+        # joining it in Pool._terminate_pool; py-spy, 2026-11-30), and every later run waited on the check's lock
+        pool.close()
+        pool.join()
     wanted = set(indices)
     return {i: r for (a, b), chunk in zip(ranges, results, strict=True) for i, r in zip(range(a, b), chunk, strict=True)
             if i in wanted}

@@ -32,10 +32,20 @@ SPIECE_UNDERLINE = "\u2581"
 
 
 def is_sentencepiece_llama(tokenizer) -> bool:
-    """A Llama-family tokenizer backed by a SentencePiece model file (Vicuna, Llama-1/2, Mistral-style)."""
+    """A Llama-family tokenizer backed by a SentencePiece model file (Vicuna, Llama-1/2, Mistral-style).
+    Asked once per encode call on 5.x, so the answer (a file stat) is kept per tokenizer object."""
+    try:
+        return _IS_SP_LLAMA[tokenizer]
+    except (KeyError, TypeError):
+        pass
     vocab_file = getattr(tokenizer, "vocab_file", None)
-    return ("Llama" in type(tokenizer).__name__ and isinstance(vocab_file, str) and vocab_file.endswith(".model")
-            and Path(vocab_file).is_file())
+    answer = ("Llama" in type(tokenizer).__name__ and isinstance(vocab_file, str) and vocab_file.endswith(".model")
+              and Path(vocab_file).is_file())
+    try:
+        _IS_SP_LLAMA[tokenizer] = answer
+    except TypeError:  # not weak-referenceable: asked again next time
+        pass
+    return answer
 
 
 class SlowLlamaEncoder:
@@ -181,3 +191,4 @@ def save_tokenizer(tokenizer, out_dir) -> None:
         changed = True
     if changed:
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+_IS_SP_LLAMA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

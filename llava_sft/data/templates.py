@@ -51,6 +51,7 @@ class ChatTemplate:
     caption_suffix: str = "\n"
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
     image_at_turn_start: bool = True
+    loss_on: str = "replies"  # data.loss_on: "all" marks every segment supervised (the no-masking ablation)
 
     def control_strings(self) -> tuple[str, ...]:
         """The markers this template writes around the content (role headers, end-of-turn and stop strings, e.g.
@@ -70,8 +71,10 @@ class ChatTemplate:
             raise BadSampleError(
                 sample_id, f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but {num_images} image(s)"
             )
-        if self.kind == "plain":
-            return self._render_plain(turns, num_images, sample_id)
+        segments = self._render_plain(turns, num_images, sample_id) if self.kind == "plain" else self._render_chat(turns)
+        return [Segment(s.text, True) for s in segments] if self.loss_on == "all" else segments
+
+    def _render_chat(self, turns) -> list[Segment]:
         segments = self._system_segments()
         for user, assistant in zip(turns[0::2], turns[1::2], strict=True):
             segments.append(Segment(self.user_format.format(content=self._user_content(user["value"])), False))
@@ -150,11 +153,16 @@ def list_templates() -> list[str]:
     return sorted(_load_all())
 
 
-def get_template(name: str, system_prompt: str | None = None) -> ChatTemplate:
-    """The named template; `system_prompt` (if not None) replaces its default system prompt."""
+def get_template(name: str, system_prompt: str | None = None, loss_on: str = "replies") -> ChatTemplate:
+    """The named template; `system_prompt` (if not None) replaces its default system prompt; `loss_on="all"`
+    (data.loss_on) supervises every text token."""
     templates = _load_all()
     if name not in templates:
         raise KeyError(f"unknown chat template {name!r}; known: {', '.join(sorted(templates))}")
     template = templates[name]
-    return template if system_prompt is None else dataclasses.replace(template, system=system_prompt)
+    if loss_on not in ("replies", "all"):
+        raise ValueError(f"loss_on must be 'replies' or 'all', got {loss_on!r}")
+    if system_prompt is not None:
+        template = dataclasses.replace(template, system=system_prompt)
+    return template if loss_on == "replies" else dataclasses.replace(template, loss_on=loss_on)
 

@@ -57,8 +57,8 @@ def tokenize_segments(segments: list[Segment], tokenizer, sample_id="?") -> tupl
         if not last and segments[i + 1].supervised == seg.supervised:
             continue  # not a boundary
         end_tok = len(ids) if last else _prefix_length(prefix, ids, tokenizer, sample_id)
-        if seg.supervised:
-            labels[start_tok:end_tok] = ids[start_tok:end_tok]
+        if seg.supervised:  # an image is never a label (data.loss_on=all supervises segments that hold one)
+            labels[start_tok:end_tok] = [IGNORE_INDEX if t == IMAGE_TOKEN_INDEX else t for t in ids[start_tok:end_tok]]
         start_tok = end_tok
     if all(label == IGNORE_INDEX for label in labels):
         raise BadSampleError(sample_id, "no supervised token (nothing to learn from this sample)")

@@ -46,6 +46,7 @@ class RunState:
     world: int
     step: int = 0
     startup_skips: int = field(init=False)  # rejected at start-up: the same on every rank, never checkpointed
+    parameters: dict = field(default_factory=dict)  # module -> (trainable, total), as logged at start (report.json)
 
     def __post_init__(self):
         self.startup_skips = len(self.dataset.report.skipped)
@@ -181,6 +182,7 @@ class RunState:
             "repeated_to_fill_last_batch_per_epoch": self.plan.repeated_per_epoch(),
             "rejected_or_skipped": report.counts(), "truncated": report.truncated,
             "images_converted": report.converted_images,
+            "parameters": {name: {"trainable": t, "total": n} for name, (t, n) in self.parameters.items()},
         }
         if report.skipped:
             distinct = report.distinct()

@@ -105,7 +105,8 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
 
     engine.before_model_build()  # ZeRO-3: the LLM is loaded partitioned
     model, tokenizer, dataset = build(cfg, device, rank, world)
-    log_trainable(model.set_trainable(train_cfg.train_projector, train_cfg.train_llm, train_cfg.train_vision_tower))
+    parameters = model.set_trainable(train_cfg.train_projector, train_cfg.train_llm, train_cfg.train_vision_tower)
+    log_trainable(parameters)
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model.llm, reentrant=engine.reentrant_checkpointing)
     # from_pretrained returns the LLM in eval mode, and transformers checkpoints a decoder layer only in training
@@ -114,7 +115,7 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
     # eval mode (VisionTower.train); generation and evaluation load with .eval() (LlavaModel.from_pretrained).
     model.train()
     plan = make_plan(cfg, dataset, world, rank)
-    state = RunState(cfg, plan, dataset, rank, world)
+    state = RunState(cfg, plan, dataset, rank, world, parameters=parameters)
     total_steps = train_cfg.max_steps or math.ceil(train_cfg.epochs * plan.steps_per_epoch)
     warn_about_repeats(plan.repeated_per_epoch(), dataset.num_samples, train_cfg.global_batch_size)
     if not any(p.requires_grad for p in model.parameters()):
