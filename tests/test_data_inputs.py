@@ -148,3 +148,25 @@ def test_replies_holding_the_templates_markers_are_refused_or_kept_by_option(lla
     cfg.data.control_strings = "keep"
     train(cfg)
     assert "1 samples contain the template's markers" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_data_loss_on_all_reaches_the_training_dataset(llama_tokenizer_dir, shapes_dir, tmp_path):
+    """data.loss_on is read where the trainer builds its dataset (train/build.py): the same sample's labels cover
+    every text token under "all" and only the replies by default."""
+    import torch
+
+    from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from llava_sft.train.trainer import build
+
+    labelled = {}
+    for loss_on in ("replies", "all"):
+        cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / loss_on, stage=2)
+        cfg.data.loss_on = loss_on
+        _, _, dataset = build(cfg, torch.device("cpu"))
+        sample = dataset[0]
+        ids, labels = sample["input_ids"], sample["labels"]
+        text = ids != IMAGE_TOKEN_INDEX
+        labelled[loss_on] = int((labels != IGNORE_INDEX).sum())
+        if loss_on == "all":
+            assert torch.equal(labels[text], ids[text]) and bool((labels[~text] == IGNORE_INDEX).all())
+    assert labelled["replies"] < labelled["all"]
