@@ -262,6 +262,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             errors.append(f"{key}={value!r} must be {'>' if exclusive else '>='} {low}")
     if not cfg.train.warmup_ratio < 1:
         errors.append(f"train.warmup_ratio={cfg.train.warmup_ratio!r} must be < 1")
+    errors += _numeric_string_errors("model.llm.config", cfg.model.llm.config)
+    errors += _numeric_string_errors("model.vision.model_kwargs", cfg.model.vision.model_kwargs)
     errors += _engine_errors(cfg.train, bool(cfg.model.lora and cfg.model.lora.quantize))
     errors += _registry_errors(cfg)
     if errors:
@@ -292,6 +294,25 @@ def check_paths(cfg: RunConfig) -> None:
     missing = [f"{key}={value} does not exist" for key, value in wanted if not Path(value).expanduser().exists()]
     if missing:
         raise MissingPathError("; ".join(missing))
+
+
+def _numeric_string_errors(key: str, value) -> list[str]:
+    """Strings that read as numbers inside free-form architecture dicts. YAML 1.1 (PyYAML) reads `1e-6` -- no dot
+    -- as the *string* '1e-06', and JSON dumps floats that way; the dict goes to transformers / timm unchecked, and
+    the run failed in its first forward pass with a TypeError far from the config (seen with rms_norm_eps)."""
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _numeric_string_errors(f"{key}.{k}", v)]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _numeric_string_errors(f"{key}[{i}]", v)]
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return []
+        if value.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity"):
+            return [f"{key}={value!r} is a string that reads as a number: YAML reads 1e-6 (no dot) as a string; "
+                    f"write it with a dot and a signed exponent ({number:.1e})"]
+    return []
 
 
 def _engine_errors(train: TrainConfig, quantized: bool) -> list[str]:

@@ -81,7 +81,8 @@ class Answerer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="saved model directory (Stage-2 output)")
+    ap.add_argument("--model", required=True, help="saved model directory (Stage-2 output; a Stage-1 projector "
+                    "directory loads on the LLM and tower its run read)")
     ap.add_argument("--image", help="image file (omit for a text-only question)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=128)

@@ -42,6 +42,19 @@ def test_a_bad_value_names_the_key_and_the_allowed_values(override, message):
         load_config(RECIPE, [override])
 
 
+def test_a_number_yaml_reads_as_a_string_in_an_architecture_dict_is_refused():
+    """YAML 1.1 reads `1e-6` (no dot) as the string '1e-6'; inside model.llm.config it went to transformers
+    unchecked and the run failed in its first forward pass. The dotted spelling is a float and loads."""
+    demo = REPO / "configs" / "demo" / "stage2.yaml"
+    with pytest.raises(ConfigError, match=r"model\.llm\.config\.rms_norm_eps='1e-6' is a string that reads as a "
+                                          r"number.*\(1\.0e-06\)"):
+        load_config(demo, ["model.llm.config={hidden_size: 64, rms_norm_eps: 1e-6}"])
+    with pytest.raises(ConfigError, match=r"model\.vision\.model_kwargs\.eps\[1\]='2E-5'"):
+        load_config(demo, ["model.vision.model_kwargs={eps: [1.0e-5, '2E-5']}"])
+    cfg = load_config(demo, ["model.llm.config={hidden_size: 64, rms_norm_eps: 1.0e-6, rope_type: default}"])
+    assert cfg.model.llm.config["rms_norm_eps"] == 1e-6
+
+
 def test_every_bad_value_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         load_config(RECIPE, ["train.device=gpu", "train.micro_batch_size=0", "data.overlong=x"])

@@ -22,6 +22,7 @@ def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluat
     metrics = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     assert set(metrics["overall"]) == {"accuracy", "accuracy_blind"}
     assert set(metrics["by_type"]) == {"color", "count", "exists", "position", "shape"}
+    assert set(metrics["binding"]) <= {"color", "position", "shape"}  # eval.shapes.binding_report, tested there
     assert (tmp_path / "out" / "stage2" / "llm" / "config.json").is_file()
     # both stages loaded the base models the script pretrained, as the paper recipes load Vicuna and CLIP
     base = tmp_path / "out" / "base"

@@ -187,6 +187,34 @@ def test_projector_handoff_and_clear_failure_on_mismatch(llama_tokenizer_dir, tm
         make_model(llama_tokenizer_dir, hidden=32).load_projector(tmp_path / "bare" / "projector.safetensors")
 
 
+def test_a_stage1_projector_directory_loads_on_the_frozen_llm_and_tower_the_run_read(llama_tokenizer_dir, tmp_path):
+    """A Stage-1 run saves its projector only (tower and LLM were frozen): from_pretrained rebuilds the model from
+    the LLM directory and tower weights the run named, bit-identical; it used to fail with a hub-id error about
+    a `llm/` folder that Stage 1 never writes. Runs on random-init parts cannot be rebuilt: a clear error."""
+    import open_clip
+
+    base = make_model(llama_tokenizer_dir)
+    base.llm.save_pretrained(tmp_path / "llm")
+    open_clip.add_model_config(TEST_VIT)
+    tower = open_clip.create_model("test-vit", force_quick_gelu=True)
+    tower.visual.load_state_dict(base.vision_tower.visual.state_dict())
+    torch.save(tower.state_dict(), tmp_path / "tower.pt")
+    cfg = model_dict(llama_tokenizer_dir)
+    cfg["llm"], cfg["vision"]["pretrained"] = {"path": str(tmp_path / "llm")}, str(tmp_path / "tower.pt")
+    stage1 = LlavaModel(from_dict(ModelConfig, cfg))
+    stage1.save_projector(tmp_path / "stage1", {"template": "plain"})
+    loaded, tokenizer, saved = LlavaModel.from_pretrained(tmp_path / "stage1")
+    assert saved["template"] == "plain" and len(tokenizer) == len(load_tokenizer(str(llama_tokenizer_dir)))
+    for (name, a), b in zip(stage1.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    (tmp_path / "tower.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"projector only .*tower weights .*tower\.pt are not there"):
+        LlavaModel.from_pretrained(tmp_path / "stage1")
+    base.save_projector(tmp_path / "random")  # LLM from model.llm.config, tower random-init
+    with pytest.raises(FileNotFoundError, match="LLM was random-init .*never saved; its vision tower was random"):
+        LlavaModel.from_pretrained(tmp_path / "random")
+
+
 def test_saved_model_generates_deterministically_and_batching_does_not_change_answers(llama_tokenizer_dir, tmp_path):
     from llava_sft.generate import Answerer
 

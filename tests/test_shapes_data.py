@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_sft.eval.shapes import load_jsonl, normalize_answer, score_shapes
+from llava_sft.eval.shapes import binding_report, load_jsonl, normalize_answer, score_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"--n-stage1": 60, "--n-stage2": 200, "--n-eval": 50, "--text-only-frac": 0.1}
@@ -290,6 +290,47 @@ def test_score_shapes_on_generated_eval(data):
     always_yes = score_shapes({a["question_id"]: "Yes." for a in answers}, answers)
     assert always_yes["by_type"]["exists"]["accuracy"] == pytest.approx(0.5, abs=0.1)
     assert always_yes["by_type"]["color"]["accuracy"] == 0.0
+
+
+def test_binding_report_names_whose_attribute_a_wrong_answer_is():
+    """Hand-built: a blue circle (cell 0, raster-first) and a red square (cell 8); a one-shape image is not
+    counted; a wrong answer is another shape's attribute (the first shape's here) or nobody's."""
+    meta = [{"image": "a.png", "shapes": [{"color": "red", "shape": "square", "position": "bottom right", "cell": 8},
+                                          {"color": "blue", "shape": "circle", "position": "top left", "cell": 0}]},
+            {"image": "b.png", "shapes": [{"color": "red", "shape": "square", "position": "center", "cell": 4}]}]
+    rows = [(0, "a.png", "position", "bottom right", "Top left."),   # the first shape's position
+            (1, "a.png", "position", "bottom right", "bottom right"),
+            (2, "a.png", "position", "top left", "center"),          # no shape is there
+            (3, "a.png", "color", "red", "blue"),                    # the first shape's colour
+            (4, "a.png", "shape", "circle", "circle"),
+            (5, "a.png", "count", "2", "1"),                         # not an attribute question
+            (6, "b.png", "position", "center", "top left")]          # one shape: nothing to confuse it with
+    answers = [{"question_id": q, "answer": a, "category": c} for q, _, c, a, _ in rows]
+    questions = [{"question_id": q, "image": i} for q, i, *_ in rows]
+    report = binding_report({q: p for q, *_, p in rows}, answers, questions, meta)
+    assert report == {
+        "color": {"n": 1, "right": 0.0, "another_shape": 1.0, "first_shape": 1.0, "neither": 0.0},
+        "position": {"n": 3, "right": 0.3333, "another_shape": 0.3333, "first_shape": 0.3333, "neither": 0.3333},
+        "shape": {"n": 1, "right": 1.0, "another_shape": 0.0, "first_shape": 0.0, "neither": 0.0},
+    }
+
+
+def test_binding_report_on_generated_eval(data):
+    """Perfect answers are all right; answering every position question with the raster-first shape's position is
+    'the first shape's' exactly when the target is not that shape."""
+    answers, questions = data["answers"], data["questions"]
+    meta = [m for m in data["meta"].values() if m["split"] == "eval"]
+    perfect = binding_report({a["question_id"]: a["answer"] for a in answers}, answers, questions, meta)
+    assert perfect and all(r["right"] == 1.0 for r in perfect.values())
+    image = {q["question_id"]: q["image"] for q in questions}
+    first = {a["question_id"]: min(data["meta"][image[a["question_id"]]]["shapes"], key=lambda s: s["cell"])["position"]
+             for a in answers if a["category"] == "position"}
+    report = binding_report(first, answers, questions, meta)["position"]
+    multi = [a for a in answers if a["category"] == "position" and len(data["meta"][image[a["question_id"]]]["shapes"]) > 1]
+    wrong = sum(first[a["question_id"]] != a["answer"] for a in multi)
+    assert report["n"] == len(multi) and wrong > 0
+    assert report["first_shape"] == report["another_shape"] == round(wrong / len(multi), 4)
+    assert report["neither"] == 0.0
 
 
 def test_load_jsonl_skips_blank_lines(tmp_path):

@@ -4,7 +4,8 @@
 
 Writes `answers.jsonl` / `answers_blind.jsonl` (LLaVA answer rows: question_id, prompt, text,
 model_id, metadata), `shapes.json` (the score file `python -m llava_sft.eval.report` reads) and `metrics.json`:
-    {"overall": {"accuracy", "accuracy_blind"}, "by_type": {TYPE: {"accuracy", "accuracy_blind"}}}
+    {"overall": {"accuracy", "accuracy_blind"}, "by_type": {TYPE: {"accuracy", "accuracy_blind"}},
+     "binding": {TYPE: {"n", "right", "another_shape", "first_shape", "neither"}}}   (eval.shapes.binding_report)
 "Blind" asks the same questions with the image replaced by a blank canvas: the gap between the
 two shows how much the model really uses the image.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from llava_sft.eval.run_vqa import answer_items, load_vqa
 from llava_sft.eval.score import score_shapes_file
+from llava_sft.eval.shapes import binding_report, load_jsonl
 from llava_sft.generate import Answerer
 
 
@@ -43,6 +45,11 @@ def evaluate(model_dir: str, data_dir: str, out_dir: str, batch_size: int = 32, 
                     for t in results["accuracy"]["by_type"]},
         "n": results["accuracy"]["n"],
     }
+    if (data / "meta.jsonl").is_file():  # which shape's attribute the answers name, on images of 2-3 shapes
+        metrics["binding"] = binding_report({r["question_id"]: r["text"] for r in load_jsonl(out / "answers.jsonl")},
+                                            load_jsonl(data / "eval" / "answers.jsonl"),
+                                            load_jsonl(data / "eval" / "questions.jsonl"),
+                                            [m for m in load_jsonl(data / "meta.jsonl") if m["split"] == "eval"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     blind_result = {"blind": results["accuracy_blind"]} if blind else {}
     (out / "shapes.json").write_text(json.dumps({**results["accuracy"], **blind_result}, indent=2))
@@ -55,6 +62,9 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{t:<10} {m['accuracy']:>9.3f} {m.get('accuracy_blind', float('nan')):>9.3f}")
     overall = metrics["overall"]
     lines += ["-" * 30, f"{'overall':<10} {overall['accuracy']:>9.3f} {overall.get('accuracy_blind', float('nan')):>9.3f}"]
+    for t, b in metrics.get("binding", {}).items():
+        lines.append(f"{t} on 2-3 shapes (n {b['n']}): right {b['right']:.2f}, another shape's {b['another_shape']:.2f} "
+                     f"(the first shape's {b['first_shape']:.2f}), neither {b['neither']:.2f}")
     return "\n".join(lines)
 
 

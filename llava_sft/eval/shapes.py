@@ -66,3 +66,40 @@ def load_jsonl(path: str | Path) -> list[dict]:
     """Rows of a JSON-lines file, skipping blank lines."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# Questions whose answer is an attribute of one shape among several: which shape's attribute came back. The demo's
+# models fail these by answering *another* shape's attribute, most often the first shape in raster order -- the
+# one Stage-1 captions and descriptions name first (benchmarks/RESULTS.md, issue 15). Exact match tells how often
+# they fail; this tells whether the model looked at the wrong object (binding) or misread the right one.
+BINDING_ATTRIBUTE = {"color": "color", "position": "position", "shape": "shape"}
+
+
+def binding_report(predictions: dict[int, str], answers: list[dict], questions: list[dict],
+                   meta: list[dict]) -> dict:
+    """For colour, position and shape questions on images with 2 or more shapes, per category: `n` and the shares
+    of answers that are `right`, name `another_shape`'s attribute (of which `first_shape`: the shape first in
+    raster order, cell 0..8), or `neither` (no shape in the image has it)."""
+    predictions = {int(qid): text for qid, text in predictions.items()}
+    shapes_of = {m["image"]: sorted(m["shapes"], key=lambda s: s["cell"]) for m in meta}
+    image_of = {int(q["question_id"]): q["image"] for q in questions}
+    counts: dict[str, dict[str, int]] = {}
+    for row in answers:
+        category, qid = row["category"], int(row["question_id"])
+        shapes = shapes_of.get(image_of.get(qid, ""), [])
+        if category not in BINDING_ATTRIBUTE or len(shapes) < 2:
+            continue
+        key = BINDING_ATTRIBUTE[category]
+        pred, gold = normalize_answer(predictions.get(qid, "")), normalize_answer(row["answer"])
+        values = [normalize_answer(s[key]) for s in shapes]
+        c = counts.setdefault(category, dict.fromkeys(("n", "right", "another_shape", "first_shape", "neither"), 0))
+        c["n"] += 1
+        if pred == gold:
+            c["right"] += 1
+        elif pred in values:
+            c["another_shape"] += 1
+            c["first_shape"] += pred == values[0]
+        else:
+            c["neither"] += 1
+    return {cat: {"n": c["n"], **{k: round(v / c["n"], 4) for k, v in c.items() if k != "n"}}
+            for cat, c in sorted(counts.items())}

@@ -269,6 +269,8 @@ class LlavaModel(nn.Module):
         model_dir = Path(model_dir)
         saved = json.loads((model_dir / CONFIG_FILE).read_text())
         cfg: ModelConfig = from_dict(ModelConfig, saved["model"], where="model")
+        if not (model_dir / VISION_FILE).exists() and not (model_dir / LLM_DIR).exists():
+            return cls._from_projector_dir(model_dir, cfg, saved, device)
         cfg.vision.pretrained = None  # weights come from this directory
         if cfg.vision.model_config_file:
             cfg.vision.model_config_file = str(model_dir / "vision_arch" / arch_file_name(cfg.vision))
@@ -290,6 +292,31 @@ class LlavaModel(nn.Module):
         log.info("loaded the trained model in %s (vision tower, projector, %s)", model_dir,
                  "LoRA adapters on the base LLM " + cfg.llm.path if cfg.lora is not None else "LLM")
         tokenizer = load_tokenizer(str(model_dir / LLM_DIR), use_fast=cfg.tokenizer_use_fast)
+        return model.to_device(device).eval(), tokenizer, saved
+
+    @classmethod
+    def _from_projector_dir(cls, model_dir: Path, cfg: ModelConfig, saved: dict, device):
+        """A projector-only directory (a Stage-1 run: its tower and LLM were frozen, so only the projector was
+        saved): the tower and the LLM come back from where the run read them, the projector from here. Used to
+        look at what Stage 1 taught (captioning with the frozen LLM)."""
+        missing = []
+        if not cfg.llm.path:
+            missing.append("its LLM was random-init from model.llm.config and never saved")
+        elif not Path(cfg.llm.path).exists() and (cfg.llm.path[0] in "/.~" or cfg.llm.path.count("/") != 1):
+            missing.append(f"its LLM {cfg.llm.path} is not there")  # (one "/" and not here: a hub id)
+        if not cfg.vision.pretrained:
+            missing.append("its vision tower was random-init and never saved")
+        elif Path(cfg.vision.pretrained).suffix and not Path(cfg.vision.pretrained).exists():
+            missing.append(f"its vision tower weights {cfg.vision.pretrained} are not there")
+        if missing:
+            raise FileNotFoundError(f"{model_dir} holds a projector only (train.save_full_model=false), and "
+                                    f"{'; '.join(missing)} (paths are as the run saw them, relative to its working "
+                                    f"directory): train with train.save_full_model=true to get a loadable model")
+        model = cls(cfg)
+        model.load_projector(model_dir, quiet=True)
+        log.info("loaded the projector in %s on the run's frozen LLM %s and tower %s", model_dir, cfg.llm.path,
+                 cfg.vision.pretrained)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm.path, use_fast=cfg.tokenizer_use_fast)
         return model.to_device(device).eval(), tokenizer, saved
 
     def to_device(self, device: str | torch.device) -> "LlavaModel":
