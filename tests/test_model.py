@@ -210,6 +210,11 @@ def test_a_stage1_projector_directory_loads_on_the_frozen_llm_and_tower_the_run_
     (tmp_path / "tower.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"projector only .*tower weights .*tower\.pt are not there"):
         LlavaModel.from_pretrained(tmp_path / "stage1")
+    config_file = tmp_path / "stage1" / "llava_config.json"
+    saved["model"]["tokenizer"] = str(tmp_path / "moved" / "tokenizer")
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises(FileNotFoundError, match=r"its tokenizer .*moved/tokenizer is not there"):
+        LlavaModel.from_pretrained(tmp_path / "stage1")
     base.save_projector(tmp_path / "random")  # LLM from model.llm.config, tower random-init
     with pytest.raises(FileNotFoundError, match="LLM was random-init .*never saved; its vision tower was random"):
         LlavaModel.from_pretrained(tmp_path / "random")

@@ -299,11 +299,17 @@ class LlavaModel(nn.Module):
         """A projector-only directory (a Stage-1 run: its tower and LLM were frozen, so only the projector was
         saved): the tower and the LLM come back from where the run read them, the projector from here. Used to
         look at what Stage 1 taught (captioning with the frozen LLM)."""
+        def gone(path: str) -> bool:  # a local path that is not there (one "/" and not here: a hub id, org/name)
+            return not Path(path).exists() and (path[0] in "/.~" or path.count("/") != 1)
+
         missing = []
         if not cfg.llm.path:
             missing.append("its LLM was random-init from model.llm.config and never saved")
-        elif not Path(cfg.llm.path).exists() and (cfg.llm.path[0] in "/.~" or cfg.llm.path.count("/") != 1):
-            missing.append(f"its LLM {cfg.llm.path} is not there")  # (one "/" and not here: a hub id)
+        elif gone(cfg.llm.path):
+            missing.append(f"its LLM {cfg.llm.path} is not there")
+        tokenizer_dir = cfg.tokenizer or cfg.llm.path
+        if cfg.tokenizer and gone(cfg.tokenizer):
+            missing.append(f"its tokenizer {cfg.tokenizer} is not there")
         if not cfg.vision.pretrained:
             missing.append("its vision tower was random-init and never saved")
         elif Path(cfg.vision.pretrained).suffix and not Path(cfg.vision.pretrained).exists():
@@ -316,7 +322,7 @@ class LlavaModel(nn.Module):
         model.load_projector(model_dir, quiet=True)
         log.info("loaded the projector in %s on the run's frozen LLM %s and tower %s", model_dir, cfg.llm.path,
                  cfg.vision.pretrained)
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm.path, use_fast=cfg.tokenizer_use_fast)
+        tokenizer = load_tokenizer(tokenizer_dir, use_fast=cfg.tokenizer_use_fast)
         return model.to_device(device).eval(), tokenizer, saved
 
     def to_device(self, device: str | torch.device) -> "LlavaModel":
