@@ -298,7 +298,7 @@ def check_paths(cfg: RunConfig) -> None:
 
 def _numeric_string_errors(key: str, value) -> list[str]:
     """Strings that read as numbers inside free-form architecture dicts. YAML 1.1 (PyYAML) reads `1e-6` -- no dot
-    -- as the *string* '1e-06', and JSON dumps floats that way; the dict goes to transformers / timm unchecked, and
+    -- as the *string* '1e-6' (and json.dumps writes 1e-06 so); the dict goes to transformers / timm unchecked, and
     the run failed in its first forward pass with a TypeError far from the config (seen with rms_norm_eps)."""
     if isinstance(value, dict):
         return [e for k, v in value.items() for e in _numeric_string_errors(f"{key}.{k}", v)]

@@ -145,6 +145,19 @@ def test_stage1_then_stage2_real_runs(llama_tokenizer_dir, shapes_dir, tmp_path)
     assert result.stdout.strip().splitlines()[-1].strip() != ""
 
 
+def test_training_the_llm_without_saving_it_is_said_loudly(llama_tokenizer_dir, shapes_dir, tmp_path):
+    """train.save_full_model defaults to false (right for Stage 1): a Stage-2 config that forgets it trains the LLM
+    for hours and saves the projector only. The run says so at the start, in its log."""
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "s2", stage=2, max_steps=1, save_full_model=False)
+    train(cfg)
+    log_text = (tmp_path / "s2" / "train.log").read_text()
+    assert "train.train_llm=true but train.save_full_model=false" in log_text
+    assert not (tmp_path / "s2" / "llm").exists()  # what the warning says: the LLM was not saved
+    saved = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "full", stage=2, max_steps=1)
+    train(saved)
+    assert "save_full_model=false" not in (tmp_path / "full" / "train.log").read_text()
+
+
 def test_gradient_checkpointing_with_a_frozen_llm_gives_the_same_gradients(llama_tokenizer_dir, shapes_dir, tmp_path):
     cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path, stage=1)
     seed_everything(0)

@@ -72,7 +72,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
 # models fail these by answering *another* shape's attribute, most often the first shape in raster order -- the
 # one Stage-1 captions and descriptions name first (benchmarks/RESULTS.md, issue 15). Exact match tells how often
 # they fail; this tells whether the model looked at the wrong object (binding) or misread the right one.
-BINDING_ATTRIBUTE = {"color": "color", "position": "position", "shape": "shape"}
+BINDING_CATEGORIES = ("color", "position", "shape")  # each names the meta.jsonl attribute its answer is
 
 
 def binding_report(predictions: dict[int, str], answers: list[dict], questions: list[dict],
@@ -87,11 +87,10 @@ def binding_report(predictions: dict[int, str], answers: list[dict], questions: 
     for row in answers:
         category, qid = row["category"], int(row["question_id"])
         shapes = shapes_of.get(image_of.get(qid, ""), [])
-        if category not in BINDING_ATTRIBUTE or len(shapes) < 2:
+        if category not in BINDING_CATEGORIES or len(shapes) < 2:
             continue
-        key = BINDING_ATTRIBUTE[category]
         pred, gold = normalize_answer(predictions.get(qid, "")), normalize_answer(row["answer"])
-        values = [normalize_answer(s[key]) for s in shapes]
+        values = [normalize_answer(s[category]) for s in shapes]
         c = counts.setdefault(category, dict.fromkeys(("n", "right", "another_shape", "first_shape", "neither"), 0))
         c["n"] += 1
         if pred == gold:

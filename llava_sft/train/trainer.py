@@ -107,6 +107,10 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
     model, tokenizer, dataset = build(cfg, device, rank, world)
     parameters = model.set_trainable(train_cfg.train_projector, train_cfg.train_llm, train_cfg.train_vision_tower)
     log_trainable(parameters)
+    if train_cfg.train_llm and not train_cfg.save_full_model:  # the default is False, right for Stage 1 only
+        log.warning("train.train_llm=true but train.save_full_model=false: the run will save the projector only and "
+                    "the trained LLM%s will be lost at the end -- set train.save_full_model=true (the Stage-2 "
+                    "recipes do)", " (its LoRA adapters)" if cfg.model.lora else "")
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model.llm, reentrant=engine.reentrant_checkpointing)
     # from_pretrained returns the LLM in eval mode, and transformers checkpoints a decoder layer only in training
