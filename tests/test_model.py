@@ -130,8 +130,11 @@ def test_register_projector():
         assert build_projector("test_scaled_linear", 8, 4)(torch.randn(3, 8)).shape == (3, 4)
         with pytest.raises(ValueError, match="registered twice"):
             register_projector("test_scaled_linear")(scaled)
-    finally:
+    finally:  # leave both registries as they were: test_config_values compares them, in any test order
+        from llava_sft import registry
+
         PROJECTORS.pop("test_scaled_linear")
+        registry.PROJECTOR_NAMES.discard("test_scaled_linear")
 
 
 def make_model(tokenizer_dir, seed: int = 0, **kw) -> LlavaModel:
