@@ -23,6 +23,10 @@ def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluat
     assert set(metrics["overall"]) == {"accuracy", "accuracy_blind"}
     assert set(metrics["by_type"]) == {"color", "count", "exists", "position", "shape"}
     assert set(metrics["binding"]) <= {"color", "position", "shape"}  # eval.shapes.binding_report, tested there
+    for stage in ("tower", "projector"):  # eval.shapes.feature_signal, tested there; 9 tokens: one per grid cell
+        shares = dict(metrics["features"][stage])
+        assert shares.pop("n") > 0 and set(shares) == {"cell", "color", "shape"}
+        assert all(0.0 <= share <= 1.0 for share in shares.values())
     assert (tmp_path / "out" / "stage2" / "llm" / "config.json").is_file()
     # both stages loaded the base models the script pretrained, as the paper recipes load Vicuna and CLIP
     base = tmp_path / "out" / "base"

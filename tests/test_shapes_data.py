@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_sft.eval.shapes import binding_report, load_jsonl, normalize_answer, score_shapes
+from llava_sft.eval.shapes import (
+    binding_report,
+    feature_signal,
+    load_jsonl,
+    normalize_answer,
+    score_shapes,
+    variance_share,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"--n-stage1": 60, "--n-stage2": 200, "--n-eval": 50, "--text-only-frac": 0.1}
@@ -408,3 +415,31 @@ def test_ablation_sets_leave_the_demo_data_unchanged_and_ask_what_they_say(tmp_p
         for turn in sample["conversations"][0::2]:
             question = turn["value"].replace("<image>", "").strip()
             assert any(re.fullmatch(a, question) for a in allowed), question
+
+
+def test_variance_share_is_the_between_label_share_of_the_sum_of_squares():
+    """By hand: the first coordinate (+-2) holds 16 of the 20 units of squared deviation, the second (+-1) 4; a label
+    that splits on the first explains 0.8, on the second 0.2 (a probe would read both perfectly), one that splits
+    neither 0.0, and one label per distinct vector 1.0."""
+    vectors = [[2.0, 1.0], [2.0, -1.0], [-2.0, 1.0], [-2.0, -1.0]]
+    assert variance_share(vectors, ["a", "a", "b", "b"]) == pytest.approx(0.8)
+    assert variance_share(vectors, ["a", "b", "a", "b"]) == pytest.approx(0.2)
+    assert variance_share(vectors, ["a", "b", "b", "a"]) == pytest.approx(0.0)
+    assert variance_share(vectors, [0, 1, 2, 3]) == pytest.approx(1.0)
+    assert variance_share([[1.0], [1.0]], ["a", "b"]) == 0.0  # no variance at all: nothing to explain
+
+
+def test_feature_signal_reads_the_token_at_each_shapes_cell():
+    """Tokens carry only the colour (red +1, blue -1) at the shapes' cells and 5.0 elsewhere: colour explains all
+    the variance; cell and shape none (each cell and each shape is red once and blue once). Reading any other token
+    than the shape's own cell would mix in the 5.0s."""
+    def tokens(filled):
+        return [[filled.get(cell, 5.0)] for cell in range(9)]
+    meta = [{"image": "a.png", "shapes": [{"color": "red", "shape": "circle", "cell": 0},
+                                          {"color": "blue", "shape": "square", "cell": 4}]},
+            {"image": "b.png", "shapes": [{"color": "red", "shape": "square", "cell": 4},
+                                          {"color": "blue", "shape": "circle", "cell": 0}]},
+            {"image": "c.png", "shapes": [{"color": "red", "shape": "circle", "cell": 8}]}]  # no features: skipped
+    features = {"a.png": tokens({0: 1.0, 4: -1.0}), "b.png": tokens({4: 1.0, 0: -1.0})}
+    assert feature_signal(features, meta) == {"cell": 0.0, "color": 1.0, "shape": 0.0, "n": 4}
+    assert feature_signal({}, meta) == {}

@@ -5,7 +5,10 @@
 Writes `answers.jsonl` / `answers_blind.jsonl` (LLaVA answer rows: question_id, prompt, text,
 model_id, metadata), `shapes.json` (the score file `python -m llava_sft.eval.report` reads) and `metrics.json`:
     {"overall": {"accuracy", "accuracy_blind"}, "by_type": {TYPE: {"accuracy", "accuracy_blind"}},
-     "binding": {TYPE: {"n", "right", "another_shape", "first_shape", "neither"}}}   (eval.shapes.binding_report)
+     "binding": {TYPE: {"n", "right", "another_shape", "first_shape", "neither"}},   (eval.shapes.binding_report)
+     "features": {"tower" | "projector": {"cell", "color", "shape", "n"}}}            (eval.shapes.feature_signal)
+"features": how much of the variance of a shape's image token (tower output, then projector output) its cell,
+colour and shape explain -- an answer can only copy what the token carries with weight.
 "Blind" asks the same questions with the image replaced by a blank canvas: the gap between the
 two shows how much the model really uses the image.
 """
@@ -15,9 +18,12 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+from PIL import Image
+
 from llava_sft.eval.run_vqa import answer_items, load_vqa
 from llava_sft.eval.score import score_shapes_file
-from llava_sft.eval.shapes import binding_report, load_jsonl
+from llava_sft.eval.shapes import binding_report, feature_signal, load_jsonl
 from llava_sft.generate import Answerer
 
 
@@ -50,10 +56,34 @@ def evaluate(model_dir: str, data_dir: str, out_dir: str, batch_size: int = 32, 
                                             load_jsonl(data / "eval" / "answers.jsonl"),
                                             load_jsonl(data / "eval" / "questions.jsonl"),
                                             [m for m in load_jsonl(data / "meta.jsonl") if m["split"] == "eval"])
+        signal = token_signal(answerer, data)
+        if signal:
+            metrics["features"] = signal
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     blind_result = {"blind": results["accuracy_blind"]} if blind else {}
     (out / "shapes.json").write_text(json.dumps({**results["accuracy"], **blind_result}, indent=2))
     return metrics
+
+
+@torch.no_grad()
+def token_signal(answerer: Answerer, data: Path, batch_size: int = 64) -> dict:
+    """eval.shapes.feature_signal of the eval images' tokens after the frozen tower and after the projector; {} when
+    the tower does not give one token per grid cell (9)."""
+    meta = [m for m in load_jsonl(data / "meta.jsonl") if m["split"] == "eval" and m["shapes"]]
+    model = answerer.model
+    by_stage: dict[str, dict[str, list]] = {"tower": {}, "projector": {}}
+    for start in range(0, len(meta), batch_size):
+        chunk = meta[start:start + batch_size]
+        pixels = torch.stack([answerer.processor(Image.open(data / "images" / m["image"]).convert("RGB"))
+                              for m in chunk]).to(answerer.device)
+        tower = model.vision_tower(pixels)
+        if tower.shape[1] != 9:
+            return {}
+        projected = model.projector(tower.to(next(model.projector.parameters(), tower).dtype))
+        for i, m in enumerate(chunk):
+            by_stage["tower"][m["image"]] = tower[i].float().tolist()
+            by_stage["projector"][m["image"]] = projected[i].float().tolist()
+    return {stage: feature_signal(feats, meta) for stage, feats in by_stage.items()}
 
 
 def format_table(metrics: dict) -> str:
@@ -65,6 +95,9 @@ def format_table(metrics: dict) -> str:
     for t, b in metrics.get("binding", {}).items():
         lines.append(f"{t} on 2-3 shapes (n {b['n']}): right {b['right']:.2f}, another shape's {b['another_shape']:.2f} "
                      f"(the first shape's {b['first_shape']:.2f}), neither {b['neither']:.2f}")
+    for stage, share in metrics.get("features", {}).items():
+        lines.append(f"{stage} tokens of the shapes (n {share['n']}): variance explained by cell {share['cell']:.3f} "
+                     f"(chance {8 / max(share['n'] - 1, 1):.3f}), colour {share['color']:.3f}, shape {share['shape']:.3f}")
     return "\n".join(lines)
 
 
