@@ -78,6 +78,7 @@ def token_signal(answerer: Answerer, data: Path, batch_size: int = 64) -> dict:
                               for m in chunk]).to(answerer.device)
         tower = model.vision_tower(pixels)
         if tower.shape[1] != 9:
+            print(f"features: not measured, the tower gives {tower.shape[1]} tokens per image (the demo's grid: 9)")
             return {}
         projected = model.projector(tower.to(next(model.projector.parameters(), tower).dtype))
         for i, m in enumerate(chunk):
