@@ -56,7 +56,7 @@ def pretrain_llm(prose: list[str], tokenizer_dir: Path, out_dir: Path, steps: in
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llava_sft.data.sentencepiece_llama import save_tokenizer
-    from llava_sft.model.llava import load_tokenizer
+    from llava_sft.model.llava import load_tokenizer, save_llm
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -91,15 +91,17 @@ def pretrain_llm(prose: list[str], tokenizer_dir: Path, out_dir: Path, steps: in
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             log.info("LLM step %d/%d: loss %.4f", step + 1, steps, loss.item())
     model.eval()
-    model.save_pretrained(out_dir)
+    save_llm(model, out_dir)
     save_tokenizer(tokenizer, out_dir)
     return losses
 
 
 def pretrain_clip(pairs: list[tuple[Path, str]], arch_file: Path, out_file: Path, steps: int, batch: int,
-                  lr: float, seed: int) -> list[float]:
+                  lr: float, seed: int, pos_std: float | None = None) -> list[float]:
     """open_clip's contrastive loss on (image, caption) pairs, the images as the demo's training reads them;
-    returns the loss of every step."""
+    returns the loss of every step. `pos_std`: initialise a learnable position embedding at this standard
+    deviation instead of open_clip's width**-0.5 (0.09 for the demo's width 128), the experiment of
+    benchmarks/RESULTS.md (fifth session) on how much of a patch feature says where it is."""
     import open_clip
     from PIL import Image
 
@@ -111,6 +113,13 @@ def pretrain_clip(pairs: list[tuple[Path, str]], arch_file: Path, out_file: Path
     open_clip.add_model_config(arch_file)
     name = arch_file.stem
     model = open_clip.create_model(name, force_quick_gelu=True)
+    if pos_std is not None:
+        pos = model.visual.positional_embedding
+        if not pos.requires_grad:
+            raise ValueError(f"--clip-pos-std needs a learnable position embedding, but {arch_file} sets "
+                             f"vision_cfg.pos_embed_type to a fixed one: use \"learnable\" or drop --clip-pos-std")
+        with torch.no_grad():
+            pos.normal_(0.0, pos_std)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     processor = ImageProcessor(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "pad")
@@ -153,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip-steps", type=int, default=200)
     ap.add_argument("--clip-batch", type=int, default=256)
     ap.add_argument("--clip-lr", type=float, default=1e-3)  # 2e-2 collapsed to chance at batch 32 (measured)
+    ap.add_argument("--clip-pos-std", type=float, default=None,
+                    help="initialise the tower's learnable position embedding at this std (open_clip: width**-0.5)")
     args = ap.parse_args(argv)
     # our progress at INFO; open_clip's model-building chatter (INFO on the root logger) stays out
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     records = json.loads(stage1_file.read_text())
     pairs = [(args.data / "images" / r["image"], r["conversations"][1]["value"]) for r in records]
     clip_losses = pretrain_clip(pairs, args.arch, args.out / "clip.pt", args.clip_steps, args.clip_batch,
-                                args.clip_lr, args.seed)
+                                args.clip_lr, args.seed, args.clip_pos_std)
     (args.out / "losses.json").write_text(json.dumps({"llm": lm_losses, "clip": clip_losses}) + "\n")
     stamp.write_text(json.dumps(record, indent=1) + "\n")
     print(f"base models written to {args.out} in {time.time() - start:.0f} s")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +261,31 @@ def test_vision_tower_loads_a_local_weights_file_offline(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         build_vision_tower(VisionConfig(model="test-vit", pretrained=str(tmp_path / "missing.pt"),
                                         model_config_file=TEST_VIT))
+
+
+@pytest.mark.latest_stack  # the probe lives in accelerate; the latest stack's accelerate has it too
+def test_saving_an_llm_does_not_import_deepspeed_and_round_trips_exactly(tmp_path):
+    """transformers' save_pretrained probes for a DeepSpeedEngine by importing deepspeed (6 s on 2 cores, in every
+    run that saves); save_llm skips the probe while deepspeed is not imported, and writes the same model. A fresh
+    interpreter, because this test session may have imported deepspeed already."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, torch, accelerate.utils.other as other
+from transformers import AutoConfig, AutoModelForCausalLM
+from llava_sft.model.llava import save_llm
+from tests.tiny import TINY_LLAMA
+cfg = dict(TINY_LLAMA); model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+probe = other.is_deepspeed_available
+save_llm(model, {str(tmp_path / "llm")!r}, safe_serialization=True)
+assert "deepspeed" not in sys.modules, "saving imported deepspeed"
+assert other.is_deepspeed_available is probe, "the probe was not restored"
+loaded = AutoModelForCausalLM.from_pretrained({str(tmp_path / "llm")!r})
+for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+    assert torch.equal(a, b), name
+print("ok")
+"""
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

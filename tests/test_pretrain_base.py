@@ -4,6 +4,7 @@ them, load through the same code as any recipe's Vicuna / CLIP, and are reused w
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from llava_sft.data.tokenizer_train import train_llama_tokenizer
 
 pytestmark = pytest.mark.slow  # two small pretraining runs: about a minute
 
+REPO = Path(__file__).resolve().parents[1]
 REPO_ARCH = "configs/demo/tiny-clip.json"
 
 
@@ -76,3 +78,26 @@ def test_a_second_run_with_the_same_inputs_reuses_the_models(base, capsys):
     pretrain_main(args)
     assert "reused" in capsys.readouterr().out
     assert (root / "base" / "clip.pt").stat().st_mtime_ns == before
+
+
+def test_the_tower_position_embedding_starts_at_the_asked_std_and_a_fixed_one_is_refused(base, tmp_path):
+    """--clip-pos-std re-initialises a learnable position embedding (10 x 128 values drawn at std 2.0: the sample
+    std's standard error is 2.0 / sqrt(2 * 1280) = 0.04, so 0.25 is over 6 of them; open_clip's own init is 0.09);
+    asked of a fixed sin-cos embedding it is an error naming the fix, not a silent no-op."""
+    from data_prep.pretrain_base import pretrain_clip
+
+    root, _ = base
+    records = json.loads((root / "data" / "stage1.json").read_text())[:16]
+    pairs = [(root / "data" / "images" / r["image"], r["conversations"][1]["value"]) for r in records]
+    arch = json.loads((REPO / REPO_ARCH).read_text())
+    arch["vision_cfg"]["pos_embed_type"] = "learnable"
+    learnable = tmp_path / "tiny-clip-learnable.json"
+    learnable.write_text(json.dumps(arch))
+    pretrain_clip(pairs, learnable, tmp_path / "clip.pt", steps=0, batch=8, lr=1e-3, seed=0, pos_std=2.0)
+    pos = torch.load(tmp_path / "clip.pt")["visual.positional_embedding"]
+    assert pos.shape == (10, 128) and abs(pos.std().item() - 2.0) < 0.25
+    arch["vision_cfg"]["pos_embed_type"] = "sin_cos_2d"
+    fixed = tmp_path / "tiny-clip-sincos.json"
+    fixed.write_text(json.dumps(arch))
+    with pytest.raises(ValueError, match="learnable"):
+        pretrain_clip(pairs, fixed, tmp_path / "clip2.pt", steps=0, batch=8, lr=1e-3, seed=0, pos_std=2.0)

@@ -102,7 +102,9 @@ def make_llm_twin(real: dict, tokenizer, out_dir: Path, vocab_size: int, seed: i
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     saved_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(real.get("torch_dtype")), torch.float32)
-    model.to(saved_dtype).save_pretrained(out_dir, safe_serialization=True)
+    from llava_sft.model.llava import save_llm
+
+    save_llm(model.to(saved_dtype), out_dir, safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
     return out_dir, dict(fields, model_type=model_type)
 
