@@ -62,7 +62,7 @@ def _no_deepspeed_probe():
     """transformers' `save_pretrained` unwraps the model with accelerate's `extract_model_from_parallel`, which
     imports deepspeed whenever it is installed, only to test `isinstance(model, DeepSpeedEngine)`. That import
     costs 6 s on a 2-core CPU (deepspeed compiles its MoE helpers with torch.compile, importing inductor), paid by
-    every run that saves on every rank, and by every test subprocess (measured with cProfile: 6.0 of a 1-step
+    the saving rank of every run, and by every test subprocess (measured with cProfile: 6.0 of a 1-step
     Stage-2 run's 16 s). A model can only be a DeepSpeedEngine if deepspeed is already imported, so while it is
     not, the probe answers False; under DeepSpeed nothing changes."""
     try:
