@@ -264,24 +264,28 @@ def test_vision_tower_loads_a_local_weights_file_offline(tmp_path):
 
 
 @pytest.mark.latest_stack  # the probe lives in accelerate; the latest stack's accelerate has it too
-def test_saving_an_llm_does_not_import_deepspeed_and_round_trips_exactly(tmp_path):
+def test_saving_an_llm_does_not_import_deepspeed_and_round_trips_exactly(tmp_path, llama_tokenizer_dir):
     """transformers' save_pretrained probes for a DeepSpeedEngine by importing deepspeed (6 s on 2 cores, in every
-    run that saves); save_llm skips the probe while deepspeed is not imported, and writes the same model. A fresh
+    run that saves); save_llm skips the probe while deepspeed is not imported, and writes the same model. Saved the
+    way every run saves (LlavaModel.save_pretrained), so a return to llm.save_pretrained there fails here. A fresh
     interpreter, because this test session may have imported deepspeed already."""
     import subprocess
     import sys
 
     script = f"""
 import sys, torch, accelerate.utils.other as other
-from transformers import AutoConfig, AutoModelForCausalLM
-from llava_sft.model.llava import save_llm
-from tests.tiny import TINY_LLAMA
-cfg = dict(TINY_LLAMA); model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+from llava_sft.config import from_dict
+from llava_sft.model.llava import LlavaModel, ModelConfig, load_tokenizer
+from tests.tiny import model_dict
+tokenizer = load_tokenizer({str(llama_tokenizer_dir)!r})
+cfg = from_dict(ModelConfig, model_dict({str(llama_tokenizer_dir)!r}))
+cfg.llm.config["vocab_size"] = len(tokenizer)
+model = LlavaModel(cfg)
 probe = other.is_deepspeed_available
-save_llm(model, {str(tmp_path / "llm")!r}, safe_serialization=True)
+model.save_pretrained({str(tmp_path / "model")!r}, tokenizer)
 assert "deepspeed" not in sys.modules, "saving imported deepspeed"
 assert other.is_deepspeed_available is probe, "the probe was not restored"
-loaded = AutoModelForCausalLM.from_pretrained({str(tmp_path / "llm")!r})
+loaded = LlavaModel.from_pretrained({str(tmp_path / "model")!r})[0]
 for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
     assert torch.equal(a, b), name
 print("ok")
