@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,44 @@ def test_the_script_runs_every_row_through_the_cli_at_tiny_sizes(tmp_path):
     assert again.returncode == 0
     lines = [line.split("] ", 1)[1].split()[0] for line in again.stdout.splitlines() if line.startswith("[ablations")]
     assert lines.count("reused") == len(results["commands"]) and "started" not in lines
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command_and_inputs(tmp_path):
+    """run_jobs reruns a finished job when the base models or data it read have changed (the fingerprint differs),
+    not only when its command has: a rebuilt base must not leave the table on the old one's runs."""
+    out = tmp_path / "abl"
+    script = ("import pathlib, sys; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
+              "(d / 'report.json').write_text('{}')")
+    jobs = {"a": ab.Job("a", [sys.executable, "-c", script, str(out / "runs" / "a")], [], "report.json")}
+
+    def run(inputs: str) -> list[str]:
+        said: list[str] = []
+        ab.run_jobs(jobs, out, 1, said.append, inputs)
+        return [line.split()[0] for line in said]
+
+    assert run("base-1") == ["started", "finished"]
+    assert run("base-1") == ["reused"]
+    assert run("base-2") == ["started", "finished"]
+
+
+def test_the_inputs_fingerprint_follows_content_not_location(tmp_path):
+    """The same files in another directory give the same fingerprint; one changed byte in the LLM's weights, or in
+    the Stage-2 data, gives another."""
+    import shutil
+
+    data, base = tmp_path / "data", tmp_path / "base"
+    (data / "eval").mkdir(parents=True)
+    (base / "llm").mkdir(parents=True)
+    (data / "stage2.json").write_text("[]")
+    (data / "eval" / "questions.jsonl").write_text("{}\n")
+    (base / "clip.pt").write_bytes(b"tower")
+    (base / "llm" / "model.safetensors").write_bytes(b"weights")
+    first = ab.inputs_fingerprint(data, base)
+    shutil.copytree(data, tmp_path / "moved" / "d")
+    shutil.copytree(base, tmp_path / "moved" / "b")
+    assert ab.inputs_fingerprint(tmp_path / "moved" / "d", tmp_path / "moved" / "b") == first
+    (base / "llm" / "model.safetensors").write_bytes(b"weightz")
+    assert ab.inputs_fingerprint(data, base) != first
+    (base / "llm" / "model.safetensors").write_bytes(b"weights")
+    (data / "stage2.json").write_text("[ ]")
+    assert ab.inputs_fingerprint(data, base) != first

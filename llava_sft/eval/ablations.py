@@ -175,10 +175,24 @@ def make_jobs(variants: dict[str, dict], seeds: list[int], data: Path, out: Path
     return jobs, evals
 
 
-def run_jobs(jobs: dict[str, Job], out: Path, workers: int, log) -> None:
+def inputs_fingerprint(data: Path, base: Path) -> str:
+    """What every run reads besides its command: the base models' weights and the demo data's training, eval,
+    image-record (meta.jsonl: the images are drawn from it) and tokenizer files, by content. A rebuilt base (other settings, another machine's floats) or regenerated data
+    changes it, so finished runs from before are rerun, not silently reused."""
+    h = hashlib.sha256()
+    files = [(base, base / "clip.pt"), *((base, f) for f in sorted((base / "llm").glob("*"))),
+             *((data, f) for pattern in ("*.json", "*.jsonl", "eval/*", "tokenizer/*") for f in sorted(data.glob(pattern)))]
+    for root, f in files:
+        if f.is_file():
+            h.update(f"{f.relative_to(root)}\0".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_jobs(jobs: dict[str, Job], out: Path, workers: int, log, inputs: str = "") -> None:
     """Run the jobs in dependency order, `workers` at a time with the cores shared between them (several small
-    single-threaded runs use 2 cores better than one run on both). A job whose command matches the one recorded
-    in its finished directory is reused."""
+    single-threaded runs use 2 cores better than one run on both). A job whose command and inputs (``inputs``:
+    inputs_fingerprint) match those recorded in its finished directory is reused."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore", LLAVA_SKIP_ENVCHECK="1")
@@ -186,7 +200,7 @@ def run_jobs(jobs: dict[str, Job], out: Path, workers: int, log) -> None:
     for name, job in jobs.items():
         d = out / "runs" / name
         if (d / job.done_file).is_file() and (d / "command.json").is_file() and \
-                json.loads((d / "command.json").read_text()) == job.argv:
+                json.loads((d / "command.json").read_text()) == {"argv": job.argv, "inputs": inputs}:
             state[name] = "done"
             log(f"reused   {name}")
 
@@ -197,7 +211,7 @@ def run_jobs(jobs: dict[str, Job], out: Path, workers: int, log) -> None:
         with open(out / "runs" / f"{job.name}.log", "w") as f:
             rc = subprocess.run(job.argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         if rc == 0:
-            (d / "command.json").write_text(json.dumps(job.argv))
+            (d / "command.json").write_text(json.dumps({"argv": job.argv, "inputs": inputs}))
         return job.name, rc, time.time() - t0
 
     with ThreadPoolExecutor(workers) as pool:
@@ -376,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ablations {time.time() - t0:6.0f} s] {msg}", flush=True)
 
     log(f"{len(jobs)} jobs ({len(ROWS)} rows x seeds {args.seeds}), {args.jobs} at a time")
-    run_jobs(jobs, out, args.jobs, log)
+    inputs = inputs_fingerprint(data, base)
+    log(f"inputs {inputs} (base models and data, by content: finished runs are reused only for the same)")
+    run_jobs(jobs, out, args.jobs, log, inputs)
     results = collect(out, data, jobs, evals, args.seeds)
     results["seconds"] = round(time.time() - t0)
     (out / "results.json").write_text(json.dumps(results, indent=2))
