@@ -107,9 +107,10 @@ def place(rng: random.Random, image_size: int, cell: int, color: str, shape: str
     return Shape(color, shape, cell, x0, y0, extent)
 
 
-def sample_layout(rng: random.Random, image_size: int) -> list[Shape]:
-    """1-3 shapes in distinct cells with distinct (colour, shape) pairs, in reading order."""
-    n = rng.randint(1, 3)
+def sample_layout(rng: random.Random, image_size: int, count_weights: dict[int, float] | None = None) -> list[Shape]:
+    """1-3 shapes in distinct cells with distinct (colour, shape) pairs, in reading order. The number of shapes is
+    uniform, or drawn with ``count_weights`` ({1: w1, 2: w2, 3: w3})."""
+    n = rng.randint(1, 3) if count_weights is None else rng.choices((1, 2, 3), [count_weights.get(k, 0.0) for k in (1, 2, 3)])[0]
     cells = sorted(rng.sample(range(9), n))
     pairs = rng.sample(PAIRS, n)
     return [place(rng, image_size, cell, c, s) for cell, (c, s) in zip(cells, pairs, strict=True)]
@@ -142,6 +143,23 @@ def caption(shapes: list[Shape]) -> str:
              for s in shapes]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text + "."
+
+
+def moved_caption(rng: random.Random, shapes: list[dict]) -> str:
+    """The caption of the same objects in other places: a hard negative for contrastive pretraining that a
+    bag of words cannot tell from the true caption (NegCLIP, Yuksekgonul et al., ICLR 2023: CLIP learns little
+    of where things are or which attribute goes with which object unless its batches make it). Two or three
+    shapes trade cells (every one moves; the set of positions stays); a single shape moves to another cell.
+    ``shapes`` are meta.jsonl records."""
+    cells = [s["cell"] for s in shapes]
+    if len(cells) == 1:
+        new = [rng.choice([c for c in range(9) if c != cells[0]])]
+    else:
+        shift = rng.randrange(1, len(cells))  # a cyclic shift by 1..n-1 moves every shape
+        new = cells[shift:] + cells[:shift]
+    moved = sorted((Shape(s["color"], s["shape"], c, 0, 0, 0) for s, c in zip(shapes, new, strict=True)),
+                   key=lambda s: s.cell)
+    return caption(moved)
 
 
 def ask(rng: random.Random, qtype: str, shapes: list[Shape],
@@ -300,14 +318,15 @@ def ask_rounds(rng: random.Random, shapes: list[Shape], rounds: int, type_counts
 
 def make_stage2(rng: random.Random, n: int, text_only_frac: float, images: ImageWriter,
                 type_counts: Counter, max_rounds: int = 3, scene_frac: float = 0.0,
-                min_rounds: int = 1, image_first: float = 0.5, weights: dict | None = None) -> list[dict]:
+                min_rounds: int = 1, image_first: float = 0.5, weights: dict | None = None,
+                count_weights: dict[int, float] | None = None) -> list[dict]:
     text_only = set(rng.sample(range(n), round(n * text_only_frac)))
     samples = []
     for i in range(n):
         rounds = rng.randint(min_rounds, max_rounds)
         if i in text_only:
             if rng.random() < scene_frac:
-                shapes = sample_layout(rng, images.image_size)
+                shapes = sample_layout(rng, images.image_size, count_weights)
                 qas = ask_rounds(rng, shapes, rounds, Counter())
                 qas[0] = (f"{caption(shapes)}\n{qas[0][0]}", qas[0][1])
                 type_counts["text_scene"] += len(qas)
@@ -316,7 +335,7 @@ def make_stage2(rng: random.Random, n: int, text_only_frac: float, images: Image
                 type_counts["text_only"] += len(qas)
             samples.append({"id": f"text_{i:06d}", "conversations": conversation(qas)})
             continue
-        shapes = sample_layout(rng, images.image_size)
+        shapes = sample_layout(rng, images.image_size, count_weights)
         qas = ask_rounds(rng, shapes, rounds, type_counts, weights)
         first = rng.random() < image_first
         qas[0] = (f"<image>\n{qas[0][0]}" if first else f"{qas[0][0]}\n<image>", qas[0][1])
@@ -348,6 +367,24 @@ def corpus_lines(stage1: list[dict], stage2: list[dict], questions: list[dict],
     return [" ".join(t.replace("<image>", " ").split()) for t in texts]
 
 
+def parse_count_weights(spec: str) -> dict[int, float] | None:
+    """``"1=0.5,2=1,3=1"`` -> {1: 0.5, 2: 1.0, 3: 1.0}; empty -> None (uniform over 1-3 shapes)."""
+    if not spec:
+        return None
+    weights = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in ("1", "2", "3"):
+            raise ValueError(f"--stage2-shape-counts: {item!r} is not N=WEIGHT with N in 1, 2, 3 (e.g. 1=0.5,2=1,3=1)")
+        try:
+            weights[int(key)] = float(value)
+        except ValueError:
+            raise ValueError(f"--stage2-shape-counts: weight {value!r} of {key} shapes is not a number") from None
+    if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        raise ValueError(f"--stage2-shape-counts {spec!r}: weights must be >= 0 and not all 0")
+    return weights
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n")
 
@@ -359,7 +396,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 3000,
              n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1, max_rounds: int = 3,
              scene_frac: float = 0.0, min_rounds: int = 1, image_first: float = 0.5,
-             type_weights: str = "", n_prose: int = 0, ablation_sets: bool = False) -> dict:
+             type_weights: str = "", n_prose: int = 0, ablation_sets: bool = False,
+             stage2_shape_counts: str = "") -> dict:
     """Write the whole dataset under ``out`` and return the manifest."""
     if image_size < 32:
         raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
@@ -368,7 +406,8 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
     args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
             "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds, "min_rounds": min_rounds,
             "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights, "n_prose": n_prose,
-            "ablation_sets": ablation_sets}
+            "ablation_sets": ablation_sets, "stage2_shape_counts": stage2_shape_counts}
+    count_weights = parse_count_weights(stage2_shape_counts)
     (out / "eval").mkdir(parents=True, exist_ok=True)
     images = ImageWriter(out, image_size)
     stage2_types: Counter = Counter()
@@ -376,7 +415,8 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
     stage1 = make_stage1(random.Random(f"{seed}-stage1"), n_stage1, images)
     stage2 = make_stage2(random.Random(f"{seed}-stage2"), n_stage2, text_only_frac, images,
                          stage2_types, max_rounds, scene_frac, min_rounds, image_first,
-                         {k: float(v) for k, v in (kv.split("=") for kv in type_weights.split(","))} if type_weights else None)
+                         {k: float(v) for k, v in (kv.split("=") for kv in type_weights.split(","))} if type_weights else None,
+                         count_weights)
     questions, answers = make_eval(random.Random(f"{seed}-eval"), n_eval, images)
     extra_sets = {}
     if ablation_sets:  # after the main sets, own generators and image names: those stay byte-identical
@@ -384,7 +424,7 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
         writer = ImageWriter(out, image_size, prefix="twotypes_")
         extra_sets["stage2_two_types.json"] = make_stage2(
             random.Random(f"{seed}-two-types"), n_stage2, text_only_frac, writer, Counter(), max_rounds, scene_frac,
-            min_rounds, image_first, {t: 1.0 for t in TWO_TYPES})
+            min_rounds, image_first, {t: 1.0 for t in TWO_TYPES}, count_weights)
         images.meta += writer.meta
 
     write_json(out / "stage1.json", stage1)
@@ -444,6 +484,9 @@ def main(argv: list[str] | None = None) -> None:
                              f"(as many samples, {' and '.join(TWO_TYPES)} questions only) for scripts/demo_ablations.sh")
     parser.add_argument("--type-weights", default="",
                         help="stage-2 question type weights, e.g. color=1,exists=1.5,describe=0.5 (default: equal)")
+    parser.add_argument("--stage2-shape-counts", default="",
+                        help="weights of 1, 2 and 3 shapes per Stage-2 image, e.g. 1=0.5,2=1,3=1 (default: equal); "
+                             "Stage 1 and the eval set stay uniform")
     kwargs = vars(parser.parse_args(argv))
     manifest = generate(kwargs.pop("out"), **kwargs)
     print(json.dumps(manifest["counts"], indent=1))

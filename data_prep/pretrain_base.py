@@ -97,11 +97,14 @@ def pretrain_llm(prose: list[str], tokenizer_dir: Path, out_dir: Path, steps: in
 
 
 def pretrain_clip(pairs: list[tuple[Path, str]], arch_file: Path, out_file: Path, steps: int, batch: int,
-                  lr: float, seed: int, pos_std: float | None = None) -> list[float]:
+                  lr: float, seed: int, pos_std: float | None = None,
+                  negatives: list[str] | None = None) -> list[float]:
     """open_clip's contrastive loss on (image, caption) pairs, the images as the demo's training reads them;
     returns the loss of every step. `pos_std`: initialise a learnable position embedding at this standard
     deviation instead of open_clip's width**-0.5 (0.09 for the demo's width 128), the experiment of
-    benchmarks/RESULTS.md (fifth session) on how much of a patch feature says where it is."""
+    benchmarks/RESULTS.md (fifth session) on how much of a patch feature says where it is.
+    `negatives`: one hard-negative caption per pair (make_shapes.moved_caption), added as NegCLIP does: each
+    image is scored against the batch's captions and their negatives, each caption against the batch's images."""
     import open_clip
     from PIL import Image
 
@@ -124,7 +127,11 @@ def pretrain_clip(pairs: list[tuple[Path, str]], arch_file: Path, out_file: Path
     size = size[0] if isinstance(size, (tuple, list)) else size
     processor = ImageProcessor(size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "pad")
     images = torch.stack([processor(Image.open(path).convert("RGB")) for path, _ in pairs])
-    texts = open_clip.get_tokenizer(name)([caption for _, caption in pairs])
+    tokenize = open_clip.get_tokenizer(name)
+    texts = tokenize([caption for _, caption in pairs])
+    if negatives is not None and len(negatives) != len(pairs):
+        raise ValueError(f"{len(negatives)} negative captions for {len(pairs)} pairs: give one per pair")
+    negative_texts = tokenize(negatives) if negatives is not None else None
     loss_fn = open_clip.loss.ClipLoss()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
@@ -133,7 +140,15 @@ def pretrain_clip(pairs: list[tuple[Path, str]], arch_file: Path, out_file: Path
     for step in range(steps):
         take = torch.tensor(rng.sample(range(len(pairs)), min(batch, len(pairs))))
         image_features, text_features, logit_scale = model(images[take], texts[take])[:3]
-        loss = loss_fn(image_features, text_features, logit_scale)
+        if negative_texts is None:
+            loss = loss_fn(image_features, text_features, logit_scale)
+        else:
+            negative_features = model.encode_text(negative_texts[take], normalize=True)
+            target = torch.arange(len(take))
+            per_image = logit_scale * image_features @ torch.cat([text_features, negative_features]).T
+            per_text = logit_scale * text_features @ image_features.T
+            loss = (torch.nn.functional.cross_entropy(per_image, target)
+                    + torch.nn.functional.cross_entropy(per_text, target)) / 2
         losses.append(loss.item())
         loss.backward()
         optimizer.step()
@@ -168,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip-lr", type=float, default=1e-3)  # 2e-2 collapsed to chance at batch 32 (measured)
     ap.add_argument("--clip-pos-std", type=float, default=None,
                     help="initialise the tower's learnable position embedding at this std (open_clip: width**-0.5)")
+    ap.add_argument("--clip-hard-negatives", action="store_true",
+                    help="add one moved-objects caption per pair as a hard negative (NegCLIP), so the tower must "
+                         "encode where each object is")
     args = ap.parse_args(argv)
     # our progress at INFO; open_clip's model-building chatter (INFO on the root logger) stays out
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -189,8 +207,15 @@ def main(argv: list[str] | None = None) -> None:
                              args.lm_batch, args.lm_seq_len, args.lm_lr, args.seed)
     records = json.loads(stage1_file.read_text())
     pairs = [(args.data / "images" / r["image"], r["conversations"][1]["value"]) for r in records]
+    negatives = None
+    if args.clip_hard_negatives:
+        from data_prep.make_shapes import moved_caption
+
+        meta = {m["image"]: m["shapes"] for m in map(json.loads, (args.data / "meta.jsonl").read_text().splitlines())}
+        rng = random.Random(f"{args.seed}-negatives")
+        negatives = [moved_caption(rng, meta[r["image"]]) for r in records]
     clip_losses = pretrain_clip(pairs, args.arch, args.out / "clip.pt", args.clip_steps, args.clip_batch,
-                                args.clip_lr, args.seed, args.clip_pos_std)
+                                args.clip_lr, args.seed, args.clip_pos_std, negatives)
     (args.out / "losses.json").write_text(json.dumps({"llm": lm_losses, "clip": clip_losses}) + "\n")
     stamp.write_text(json.dumps(record, indent=1) + "\n")
     print(f"base models written to {args.out} in {time.time() - start:.0f} s")

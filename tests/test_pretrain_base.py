@@ -101,3 +101,42 @@ def test_the_tower_position_embedding_starts_at_the_asked_std_and_a_fixed_one_is
     fixed.write_text(json.dumps(arch))
     with pytest.raises(ValueError, match="learnable"):
         pretrain_clip(pairs, fixed, tmp_path / "clip2.pt", steps=0, batch=8, lr=1e-3, seed=0, pos_std=2.0)
+
+
+def test_hard_negatives_add_columns_to_the_image_side_of_the_contrastive_loss(base, tmp_path):
+    """With the same initial weights and the same first batch, adding one negative caption per image can only raise
+    the first step's loss: the image->text softmax gains columns, the text->image side is unchanged. A negative
+    list of the wrong length is an error, not a silent misalignment of captions and negatives."""
+    from data_prep.pretrain_base import pretrain_clip
+
+    root, _ = base
+    records = json.loads((root / "data" / "stage1.json").read_text())[:16]
+    pairs = [(root / "data" / "images" / r["image"], r["conversations"][1]["value"]) for r in records]
+    arch = REPO / REPO_ARCH
+    plain = pretrain_clip(pairs, arch, tmp_path / "a.pt", steps=1, batch=8, lr=1e-3, seed=0)
+    negatives = [f"a {c} circle at the top left." for c in ["red", "blue"] * 8]
+    hard = pretrain_clip(pairs, arch, tmp_path / "b.pt", steps=1, batch=8, lr=1e-3, seed=0, negatives=negatives)
+    assert hard[0] > plain[0]
+    with pytest.raises(ValueError, match="one per pair"):
+        pretrain_clip(pairs, arch, tmp_path / "c.pt", steps=1, batch=8, lr=1e-3, seed=0, negatives=negatives[:3])
+
+
+def test_hard_negatives_through_the_cli_reach_the_tower_and_its_record(base, tmp_path):
+    """`--clip-hard-negatives` (the NegCLIP experiment of benchmarks/RESULTS.md, eighth session) builds the moved
+    captions from meta.jsonl and trains with them: from the same seed, the first CLIP step's loss is higher than
+    without (the image->text softmax has more columns), and base.json records the setting, so a cached tower
+    without negatives is not reused for it."""
+    root, args = base
+
+    def run(out: Path, *extra: str) -> dict:
+        sizes = {"--lm-steps": "1", "--clip-steps": "1"}
+        argv = [sizes.get(prev, a) for prev, a in zip([None, *args[:-1]], args, strict=True)]
+        argv[argv.index("--out") + 1] = str(out)
+        pretrain_main([*argv, *extra])
+        return json.loads((out / "base.json").read_text())
+
+    plain = run(tmp_path / "plain")
+    hard = run(tmp_path / "hard", "--clip-hard-negatives")
+    assert plain["settings"]["clip_hard_negatives"] is False and hard["settings"]["clip_hard_negatives"] is True
+    first = [json.loads((tmp_path / d / "losses.json").read_text())["clip"][0] for d in ("plain", "hard")]
+    assert first[1] > first[0]

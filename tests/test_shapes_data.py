@@ -417,6 +417,33 @@ def test_ablation_sets_leave_the_demo_data_unchanged_and_ask_what_they_say(tmp_p
             assert any(re.fullmatch(a, question) for a in allowed), question
 
 
+def test_stage2_shape_counts_weight_the_stage2_images_and_nothing_else(tmp_path):
+    """--stage2-shape-counts 1=0,2=1,3=3: no Stage-2 image holds a single shape and about three in four hold three
+    (binomial sd over ~180 images is 0.03; the band is wider than 3 sd). Stage 1, the eval set and the prose come
+    from their own generators, so they stay byte-identical to a run without the option."""
+    plain = read_tree(generate(tmp_path / "plain", 0, "--n-prose", "20"))
+    weighted = read_tree(generate(tmp_path / "w", 0, "--n-prose", "20", "--stage2-shape-counts", "1=0,2=1,3=3"))
+    for name in ("stage1.json", "prose.txt", "eval/questions.jsonl", "eval/answers.jsonl"):
+        assert weighted[name] == plain[name], name
+    meta = {m["image"]: m["shapes"] for m in map(json.loads, weighted["meta.jsonl"].decode().splitlines())}
+    counts = Counter(len(meta[s["image"]]) for s in json.loads(weighted["stage2.json"]) if "image" in s)
+    assert counts[1] == 0 and 0.65 < counts[3] / sum(counts.values()) < 0.85, counts
+    for sample in json.loads(weighted["stage2.json"]):  # the answers still describe the image they are about
+        if "image" in sample:
+            for human, gpt in zip(sample["conversations"][::2], sample["conversations"][1::2], strict=True):
+                expected = oracle(human["value"], meta[sample["image"]])
+                if expected is not None:
+                    assert gpt["value"] == expected, human["value"]
+
+
+@pytest.mark.parametrize("spec", ["1=1,4=1", "2", "1=a", "1=0,2=0,3=0", "1=-1,2=1"])
+def test_stage2_shape_counts_reject_a_bad_spec_naming_it(spec):
+    from data_prep.make_shapes import parse_count_weights
+
+    with pytest.raises(ValueError, match="stage2-shape-counts"):
+        parse_count_weights(spec)
+
+
 def test_variance_share_is_the_between_label_share_of_the_sum_of_squares():
     """By hand: the first coordinate (+-2) holds 16 of the 20 units of squared deviation, the second (+-1) 4; a label
     that splits on the first explains 0.8, on the second 0.2 (a probe would read both perfectly), one that splits
@@ -443,3 +470,29 @@ def test_feature_signal_reads_the_token_at_each_shapes_cell():
     features = {"a.png": tokens({0: 1.0, 4: -1.0}), "b.png": tokens({4: 1.0, 0: -1.0})}
     assert feature_signal(features, meta) == {"cell": 0.0, "color": 1.0, "shape": 0.0, "n": 4}
     assert feature_signal({}, meta) == {}
+
+
+def test_a_moved_caption_names_the_same_objects_each_somewhere_else(data):
+    """make_shapes.moved_caption (the tower's hard negatives): parsed back independently, it names the same
+    (colour, shape) objects; with 2-3 shapes they trade cells (same set of positions, every object moved), a single
+    shape goes to another cell."""
+    import random
+
+    from data_prep.make_shapes import moved_caption
+
+    part = re.compile(r"an? (\w+) (\w+) (?:at the|on the|in the) ([a-z ]+?)(?:,| and |\.$)")
+    rng = random.Random(0)
+    seen = Counter()
+    for record in data["meta"].values():
+        shapes = record["shapes"]
+        if not shapes:
+            continue
+        text = moved_caption(rng, shapes)
+        found = {(c, s): p for c, s, p in part.findall(text)}
+        truth = {(s["color"], s["shape"]): s["position"] for s in shapes}
+        assert set(found) == set(truth), text
+        assert all(found[k] != truth[k] for k in truth), text
+        if len(shapes) > 1:
+            assert sorted(found.values()) == sorted(truth.values()), text
+        seen[len(shapes)] += 1
+    assert seen[1] and seen[2] and seen[3]
