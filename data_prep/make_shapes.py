@@ -367,22 +367,30 @@ def corpus_lines(stage1: list[dict], stage2: list[dict], questions: list[dict],
     return [" ".join(t.replace("<image>", " ").split()) for t in texts]
 
 
-def parse_count_weights(spec: str) -> dict[int, float] | None:
-    """``"1=0.5,2=1,3=1"`` -> {1: 0.5, 2: 1.0, 3: 1.0}; empty -> None (uniform over 1-3 shapes)."""
+def parse_weights(spec: str, flag: str, allowed: tuple[str, ...]) -> dict[str, float] | None:
+    """``"a=1,b=0.5"`` -> {"a": 1.0, "b": 0.5} for ``flag``; empty -> None (the default mix). An unknown name, a
+    weight that is not a number >= 0, or all weights 0 is an error naming the flag: a misspelt name would
+    otherwise weigh 0 and silently drop what it meant to weight."""
     if not spec:
         return None
     weights = {}
     for item in spec.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or key.strip() not in ("1", "2", "3"):
-            raise ValueError(f"--stage2-shape-counts: {item!r} is not N=WEIGHT with N in 1, 2, 3 (e.g. 1=0.5,2=1,3=1)")
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in allowed:
+            raise ValueError(f"{flag}: {item!r} is not NAME=WEIGHT with NAME one of {', '.join(allowed)}")
         try:
-            weights[int(key)] = float(value)
+            weights[key] = float(value)
         except ValueError:
-            raise ValueError(f"--stage2-shape-counts: weight {value!r} of {key} shapes is not a number") from None
+            raise ValueError(f"{flag}: weight {value!r} of {key} is not a number") from None
     if any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
-        raise ValueError(f"--stage2-shape-counts {spec!r}: weights must be >= 0 and not all 0")
+        raise ValueError(f"{flag} {spec!r}: weights must be >= 0 and not all 0")
     return weights
+
+
+def parse_count_weights(spec: str) -> dict[int, float] | None:
+    """``"1=0.5,2=1,3=1"`` -> {1: 0.5, 2: 1.0, 3: 1.0}; empty -> None (uniform over 1-3 shapes)."""
+    weights = parse_weights(spec, "--stage2-shape-counts", ("1", "2", "3"))
+    return None if weights is None else {int(k): w for k, w in weights.items()}
 
 
 def write_json(path: Path, obj) -> None:
@@ -408,6 +416,7 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
             "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights, "n_prose": n_prose,
             "ablation_sets": ablation_sets, "stage2_shape_counts": stage2_shape_counts}
     count_weights = parse_count_weights(stage2_shape_counts)
+    type_weights_by_name = parse_weights(type_weights, "--type-weights", STAGE2_TYPES)
     (out / "eval").mkdir(parents=True, exist_ok=True)
     images = ImageWriter(out, image_size)
     stage2_types: Counter = Counter()
@@ -415,8 +424,7 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
     stage1 = make_stage1(random.Random(f"{seed}-stage1"), n_stage1, images)
     stage2 = make_stage2(random.Random(f"{seed}-stage2"), n_stage2, text_only_frac, images,
                          stage2_types, max_rounds, scene_frac, min_rounds, image_first,
-                         {k: float(v) for k, v in (kv.split("=") for kv in type_weights.split(","))} if type_weights else None,
-                         count_weights)
+                         type_weights_by_name, count_weights)
     questions, answers = make_eval(random.Random(f"{seed}-eval"), n_eval, images)
     extra_sets = {}
     if ablation_sets:  # after the main sets, own generators and image names: those stay byte-identical

@@ -436,12 +436,19 @@ def test_stage2_shape_counts_weight_the_stage2_images_and_nothing_else(tmp_path)
                     assert gpt["value"] == expected, human["value"]
 
 
-@pytest.mark.parametrize("spec", ["1=1,4=1", "2", "1=a", "1=0,2=0,3=0", "1=-1,2=1"])
-def test_stage2_shape_counts_reject_a_bad_spec_naming_it(spec):
-    from data_prep.make_shapes import parse_count_weights
+@pytest.mark.parametrize("flag,spec", [
+    ("--stage2-shape-counts", "1=1,4=1"), ("--stage2-shape-counts", "2"), ("--stage2-shape-counts", "1=a"),
+    ("--stage2-shape-counts", "1=0,2=0,3=0"), ("--stage2-shape-counts", "1=-1,2=1"),
+    ("--type-weights", "colour=2,shape=1"),  # misspelt: it used to weigh colour 0 and drop those questions silently
+    ("--type-weights", "color=x"), ("--type-weights", "color=0,shape=0"),
+])
+def test_weight_flags_reject_a_bad_spec_naming_the_flag_before_writing_anything(tmp_path, flag, spec):
+    from data_prep.make_shapes import generate as make
 
-    with pytest.raises(ValueError, match="stage2-shape-counts"):
-        parse_count_weights(spec)
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=flag):
+        make(out, image_size=IMAGE_SIZE, n_stage1=4, n_stage2=4, n_eval=2, **{flag[2:].replace("-", "_"): spec})
+    assert not out.exists()
 
 
 def test_variance_share_is_the_between_label_share_of_the_sum_of_squares():
