@@ -182,3 +182,27 @@ def test_memory_arithmetic_uses_the_loss_chunk():
     from llava_sft.train.memory import LOSS_CHUNK_ROWS
 
     assert LOSS_CHUNK_ROWS == loss_module.CHUNK_ROWS
+
+
+def test_an_llm_keeping_its_stack_under_transformer_trains_from_a_directory(llama_tokenizer_dir, tmp_path):
+    """GPT-2-style families (GPT-2, Falcon, Bloom) keep their decoder stack in `.transformer` and its blocks in
+    `.h`. transformers 4.57's get_decoder() returns the whole LM for them, and the supervised-only loss used to call
+    that and fail (its output has no last_hidden_state). Loaded from a directory with gradient checkpointing on, the
+    loss and gradients now equal the full path's, and the block lookup the engines use (FSDP2 sharding, compile,
+    the FLOPs count) finds its 2 blocks."""
+    from llava_sft.model.loss import decoder, decoder_layers
+
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # no dropout: both paths must see the same network
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    cfg = from_dict(ModelConfig, model_dict(llama_tokenizer_dir))
+    cfg.llm.config, cfg.llm.path = None, str(tmp_path / "gpt2")
+    torch.manual_seed(0)
+    model = LlavaModel(cfg)
+    assert decoder(model.llm) is model.llm.transformer
+    assert decoder_layers(model.llm) == list(model.llm.transformer.h) and len(model.llm.transformer.h) == 2
+    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.set_trainable(True, True)
+    model.train()
+    assert_same(model, padded(samples()))

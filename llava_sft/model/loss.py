@@ -72,9 +72,27 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def decoder(llm):
-    """The decoder stack under the LM head (LlamaModel under LlamaForCausalLM; through a peft wrapper too)."""
-    get = getattr(llm, "get_decoder", None)
+    """The decoder stack under the LM head: LlamaModel under LlamaForCausalLM, GPT2Model under GPT2LMHeadModel;
+    through a peft wrapper too. transformers 4.57's `get_decoder()` looks for `.decoder` / `.model` and otherwise
+    returns the model itself: for a family that keeps its stack elsewhere (GPT-2, Falcon, Bloom: `.transformer`)
+    that is the LM with its head, whose output has no `last_hidden_state`. The stack is then the attribute the
+    family names in `base_model_prefix`."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    get = getattr(base, "get_decoder", None)
     model = get() if get is not None else None
-    if model is None:
-        model = getattr(llm, getattr(llm, "base_model_prefix", "model"))
+    if model is None or model is base:
+        model = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    if model is None or model is base:
+        raise ValueError(f"{type(base).__name__}: cannot find the decoder stack under the LM head (neither "
+                         f"get_decoder() nor .{getattr(base, 'base_model_prefix', 'model')} gives it)")
     return model
+
+
+def decoder_layers(llm) -> list:
+    """The decoder stack's layers: `.layers` (Llama, Qwen, Mistral, Gemma, GPT-NeoX, OPT's decoder) or `.h` (GPT-2,
+    Falcon, Bloom)."""
+    stack = decoder(llm)
+    layers = getattr(stack, "layers", None) or getattr(stack, "h", None)
+    if not layers:
+        raise ValueError(f"{type(stack).__name__} keeps its layers neither in .layers nor in .h")
+    return list(layers)

@@ -102,10 +102,10 @@ class FlopModel:
 
 def last_linears(llm) -> int:
     """Weights of each decoder layer's last linear map (in registration order: down_proj for Llama-style MLPs)."""
-    from llava_sft.model.loss import decoder
+    from llava_sft.model.loss import decoder_layers
 
     total = 0
-    for layer in getattr(decoder(llm), "layers", []):
+    for layer in decoder_layers(llm):
         last = [m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and "lora_" not in n][-1:]
         total += sum(m.in_features * m.out_features for m in last)
     return total

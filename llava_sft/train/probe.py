@@ -27,8 +27,9 @@ ENV = "LLAVA_SFT_PROBE"
 
 def decoder_of(llm: torch.nn.Module) -> torch.nn.Module:
     """The LLM's decoder stack (the module whose layers gradient checkpointing wraps), also under peft."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return base.get_decoder()
+    from llava_sft.model.loss import decoder
+
+    return decoder(llm)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from llava_sft.constants import IGNORE_INDEX
+from llava_sft.model.loss import decoder_layers  # noqa: F401 (re-exported: the engines shard and compile them)
 
 StepCheck = Callable[[float, bool], None]  # (gradient norm, whether the step was already applied)
 
@@ -176,15 +177,6 @@ def params_to_buffers(module: torch.nn.Module) -> None:
                 raise ValueError(f"{type(sub).__name__}.{name} trains: only frozen modules can be kept whole")
             del sub._parameters[name]
             sub.register_buffer(name, p.data, persistent=True)
-
-
-def decoder_layers(llm: torch.nn.Module) -> list[torch.nn.Module]:
-    """The LLM's decoder layers (HF decoders keep them in `.layers`), also under peft."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    layers = getattr(base.get_decoder(), "layers", None)
-    if not layers:
-        raise ValueError(f"{type(base).__name__} has no decoder `.layers` (to shard or compile one by one)")
-    return list(layers)
 
 
 def compile_decoder_layers(llm: torch.nn.Module) -> int:
