@@ -7,6 +7,7 @@ stages plus a scored eval set::
     DIR/images/NNNNNN.png       all images; the splits use disjoint images
     DIR/stage1.json             LLaVA-Pretrain style captioning
     DIR/stage2.json             LLaVA-Instruct style multi-turn QA (+ text-only)
+    DIR/stage2_warmup.json      with --n-stage2-warmup: Stage-2 samples on one-shape images (demo Stage 2, pass 1)
     DIR/eval/questions.jsonl    LLaVA question file (color/shape/count/position/exists)
     DIR/eval/answers.jsonl      ground truth for llava_sft.eval.shapes.score_shapes
     DIR/eval/blank.png          empty canvas for the 'blind' baseline
@@ -405,7 +406,7 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
              n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1, max_rounds: int = 3,
              scene_frac: float = 0.0, min_rounds: int = 1, image_first: float = 0.5,
              type_weights: str = "", n_prose: int = 0, ablation_sets: bool = False,
-             stage2_shape_counts: str = "") -> dict:
+             stage2_shape_counts: str = "", n_stage2_warmup: int = 0) -> dict:
     """Write the whole dataset under ``out`` and return the manifest."""
     if image_size < 32:
         raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
@@ -414,7 +415,8 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
     args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
             "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds, "min_rounds": min_rounds,
             "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights, "n_prose": n_prose,
-            "ablation_sets": ablation_sets, "stage2_shape_counts": stage2_shape_counts}
+            "ablation_sets": ablation_sets, "stage2_shape_counts": stage2_shape_counts,
+            "n_stage2_warmup": n_stage2_warmup}
     count_weights = parse_count_weights(stage2_shape_counts)
     type_weights_by_name = parse_weights(type_weights, "--type-weights", STAGE2_TYPES)
     (out / "eval").mkdir(parents=True, exist_ok=True)
@@ -433,6 +435,12 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
         extra_sets["stage2_two_types.json"] = make_stage2(
             random.Random(f"{seed}-two-types"), n_stage2, text_only_frac, writer, Counter(), max_rounds, scene_frac,
             min_rounds, image_first, {t: 1.0 for t in TWO_TYPES}, count_weights)
+        images.meta += writer.meta
+    if n_stage2_warmup:  # one shape per image: the first pass of the demo's Stage 2 (scripts/demo.sh)
+        writer = ImageWriter(out, image_size, prefix="warmup_")
+        extra_sets["stage2_warmup.json"] = make_stage2(
+            random.Random(f"{seed}-warmup"), n_stage2_warmup, text_only_frac, writer, Counter(), max_rounds,
+            scene_frac, min_rounds, image_first, type_weights_by_name, {1: 1.0})
         images.meta += writer.meta
 
     write_json(out / "stage1.json", stage1)
@@ -490,6 +498,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation-sets", action="store_true",
                         help=f"also write stage2_1k.json ({N_SMALL} samples of stage2.json) and stage2_two_types.json "
                              f"(as many samples, {' and '.join(TWO_TYPES)} questions only) for scripts/demo_ablations.sh")
+    parser.add_argument("--n-stage2-warmup", type=int, default=0,
+                        help="also write stage2_warmup.json: this many Stage-2 samples whose images hold one shape "
+                             "each (the first pass of the demo's Stage 2); the other files stay byte-identical")
     parser.add_argument("--type-weights", default="",
                         help="stage-2 question type weights, e.g. color=1,exists=1.5,describe=0.5 (default: equal)")
     parser.add_argument("--stage2-shape-counts", default="",

@@ -6,8 +6,9 @@ OUT=${DEMO_OUT:-checkpoints/demo}
 SIZES=${DEMO_SIZES:---n-stage1 3000 --n-stage2 6000 --n-eval 300}
 PROSE=${DEMO_PROSE:-20000}
 # Stage-2 samples: 2-5 rounds, image always before the first question (as at evaluation), fewer
-# long descriptions (they would dominate the token-averaged loss), more yes/no existence questions.
-SHAPES_ARGS="--min-rounds 2 --max-rounds 5 --image-first 1 --type-weights ${DEMO_TYPE_WEIGHTS:-color=1,shape=1,count=1,position=1,exists=1.5,describe=0.5}"
+# long descriptions (they would dominate the token-averaged loss), more yes/no existence questions; and 1,500 more
+# on one-shape images, the first pass of Stage 2 (scripts/demo.sh).
+SHAPES_ARGS="--min-rounds 2 --max-rounds 5 --image-first 1 --type-weights ${DEMO_TYPE_WEIGHTS:-color=1,shape=1,count=1,position=1,exists=1.5,describe=0.5} --n-stage2-warmup ${DEMO_WARMUP:-1500}"
 
 # demo_data [make_shapes flags]: images, captions, instructions, eval questions, prose; then the tokenizer
 demo_data() {

@@ -164,7 +164,7 @@ def test_the_script_runs_every_row_through_the_cli_at_tiny_sizes(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, DEMO_DATA=str(tmp_path / "data"), DEMO_OUT=str(tmp_path / "out"),
-               DEMO_SIZES="--n-stage1 48 --n-stage2 48 --n-eval 10", DEMO_PROSE="200",
+               DEMO_SIZES="--n-stage1 48 --n-stage2 48 --n-eval 10", DEMO_PROSE="200", DEMO_WARMUP="8",
                DEMO_BASE_ARGS="--lm-steps 2 --lm-batch 4 --clip-steps 2 --clip-batch 16")
     args = ["bash", "scripts/demo_ablations.sh", "--seeds", "0", "--stage1", "train.max_steps=1",
             "--stage2", "train.max_steps=1"]

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow  # multi-process or full runs: `pytest -m 'not slow'` skips them
 
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(300)
 def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluation(tmp_path):
     env = dict(os.environ, DEMO_DATA=str(tmp_path / "data"), DEMO_OUT=str(tmp_path / "out"),
-               DEMO_SIZES="--n-stage1 64 --n-stage2 64 --n-eval 10", DEMO_PROSE="200",
+               DEMO_SIZES="--n-stage1 64 --n-stage2 64 --n-eval 10", DEMO_PROSE="200", DEMO_WARMUP="16",
                DEMO_BASE_ARGS="--lm-steps 2 --lm-batch 4 --clip-steps 2 --clip-batch 16")
     result = subprocess.run(["bash", "scripts/demo.sh", "train.max_steps=2"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=280)
@@ -33,5 +34,14 @@ def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluat
     assert (base / "llm" / "config.json").is_file() and (base / "clip.pt").is_file()
     saved = json.loads((tmp_path / "out" / "stage1" / "llava_config.json").read_text())["model"]
     assert saved["llm"]["path"] == str(base / "llm") and saved["vision"]["pretrained"] == str(base / "clip.pt")
+    # Stage 2 in two passes: one epoch on one-shape images from Stage 1's projector, then the full set from there
+    warm = yaml.safe_load((tmp_path / "out" / "stage2_warmup" / "config.yaml").read_text())
+    full = yaml.safe_load((tmp_path / "out" / "stage2" / "config.yaml").read_text())
+    assert warm["data"]["path"] == str(tmp_path / "data" / "stage2_warmup.json") and warm["train"]["epochs"] == 1
+    assert warm["train"]["pretrained_projector"] == str(tmp_path / "out" / "stage1")
+    assert warm["model"]["llm"]["path"] == str(base / "llm")
+    assert full["data"]["path"] == str(tmp_path / "data" / "stage2.json")
+    assert full["train"]["pretrained_projector"] == str(tmp_path / "out" / "stage2_warmup")
+    assert full["model"]["llm"]["path"] == str(tmp_path / "out" / "stage2_warmup" / "llm")
     assert "Stage 2" in result.stdout and "base models" in result.stdout
     assert "overall" in result.stdout  # the table is printed at the end

@@ -503,3 +503,28 @@ def test_a_moved_caption_names_the_same_objects_each_somewhere_else(data):
             assert sorted(found.values()) == sorted(truth.values()), text
         seen[len(shapes)] += 1
     assert seen[1] and seen[2] and seen[3]
+
+
+def test_the_warmup_set_holds_one_shape_images_and_leaves_the_demo_data_unchanged(tmp_path):
+    """--n-stage2-warmup N (the first pass of the demo's Stage 2, scripts/demo.sh): stage2_warmup.json holds N
+    Stage-2 samples, about text_only_frac of them text-only, every image of its own (warmup_ prefix) holding exactly
+    one shape, with answers that describe it. Every other file but the records of what was written stays
+    byte-identical, so the tokenizer and the cached base models stay valid."""
+    plain = read_tree(generate(tmp_path / "plain", 0, "--n-prose", "20"))
+    warm = read_tree(generate(tmp_path / "warm", 0, "--n-prose", "20", "--n-stage2-warmup", "60"))
+    assert set(warm) - set(plain) == {"stage2_warmup.json"} | {n for n in warm if n.startswith("images/warmup_")}
+    for name, content in plain.items():
+        if name not in ("manifest.json", "meta.jsonl"):
+            assert warm[name] == content, name
+    meta_lines = warm["meta.jsonl"].decode().splitlines()
+    assert "\n".join(meta_lines[:len(plain["meta.jsonl"].decode().splitlines())]) + "\n" == plain["meta.jsonl"].decode()
+    meta = {m["image"]: m["shapes"] for m in map(json.loads, meta_lines)}
+    samples = json.loads(warm["stage2_warmup.json"])
+    with_image = [s for s in samples if "image" in s]
+    assert len(samples) == 60 and len(with_image) == 60 - round(60 * 0.1)  # generate()'s default text_only_frac
+    for sample in with_image:
+        assert sample["image"].startswith("warmup_") and len(meta[sample["image"]]) == 1
+        for human, gpt in zip(sample["conversations"][::2], sample["conversations"][1::2], strict=True):
+            expected = oracle(human["value"], meta[sample["image"]])
+            if expected is not None:
+                assert gpt["value"] == expected, human["value"]
