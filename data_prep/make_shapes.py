@@ -412,6 +412,8 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
         raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
     if not 0.0 <= text_only_frac < 1.0:
         raise ValueError("text_only_frac must be in [0, 1)")
+    if n_stage2_warmup < 0:
+        raise ValueError(f"--n-stage2-warmup must be >= 0 (0: no warm-up set), got {n_stage2_warmup}")
     args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
             "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds, "min_rounds": min_rounds,
             "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights, "n_prose": n_prose,

@@ -440,7 +440,7 @@ def test_stage2_shape_counts_weight_the_stage2_images_and_nothing_else(tmp_path)
     ("--stage2-shape-counts", "1=1,4=1"), ("--stage2-shape-counts", "2"), ("--stage2-shape-counts", "1=a"),
     ("--stage2-shape-counts", "1=0,2=0,3=0"), ("--stage2-shape-counts", "1=-1,2=1"),
     ("--type-weights", "colour=2,shape=1"),  # misspelt: it used to weigh colour 0 and drop those questions silently
-    ("--type-weights", "color=x"), ("--type-weights", "color=0,shape=0"),
+    ("--type-weights", "color=x"), ("--type-weights", "color=0,shape=0"), ("--n-stage2-warmup", -1),
 ])
 def test_weight_flags_reject_a_bad_spec_naming_the_flag_before_writing_anything(tmp_path, flag, spec):
     from data_prep.make_shapes import generate as make
