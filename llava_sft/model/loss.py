@@ -89,10 +89,10 @@ def decoder(llm):
 
 
 def decoder_layers(llm) -> list:
-    """The decoder stack's layers: `.layers` (Llama, Qwen, Mistral, Gemma, GPT-NeoX, OPT's decoder) or `.h` (GPT-2,
-    Falcon, Bloom)."""
+    """The decoder stack's layers: `.layers` (Llama, Qwen, Mistral, Gemma, GPT-NeoX, OPT's decoder), `.h` (GPT-2,
+    Falcon, Bloom) or `.blocks` (MPT)."""
     stack = decoder(llm)
-    layers = getattr(stack, "layers", None) or getattr(stack, "h", None)
+    layers = getattr(stack, "layers", None) or getattr(stack, "h", None) or getattr(stack, "blocks", None)
     if not layers:
-        raise ValueError(f"{type(stack).__name__} keeps its layers neither in .layers nor in .h")
+        raise ValueError(f"{type(stack).__name__} keeps its layers in none of .layers, .h, .blocks")
     return list(layers)
