@@ -28,6 +28,17 @@ def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluat
         shares = dict(metrics["features"][stage])
         assert shares.pop("n") > 0 and set(shares) == {"cell", "color", "shape"}
         assert all(0.0 <= share <= 1.0 for share in shares.values())
+    # run_shapes.attention_lookup: one entry per attribute question type, over the questions on 2-3-shape images
+    llm = json.loads((tmp_path / "out" / "stage2" / "llm" / "config.json").read_text())
+    meta = {m["image"]: m["shapes"] for m in map(json.loads, (tmp_path / "data" / "meta.jsonl").open())}
+    questions = [json.loads(line) for line in (tmp_path / "data" / "eval" / "questions.jsonl").open()]
+    assert metrics["lookup"]
+    for category, found in metrics["lookup"].items():
+        asked = [len(meta[q["image"]]) for q in questions if q["category"] == category and len(meta[q["image"]]) > 1]
+        assert found["n"] == len(asked) and found["chance"] == pytest.approx(sum(1 / n for n in asked) / len(asked),
+                                                                               abs=1e-4)
+        assert 0 <= found["layer"] < llm["num_hidden_layers"] and 0 <= found["head"] < llm["num_attention_heads"]
+        assert -7 <= found["offset"] <= 0 and 0.0 <= found["share"] <= 1.0 and 0.0 <= found["image_mass"] <= 1.0
     assert (tmp_path / "out" / "stage2" / "llm" / "config.json").is_file()
     # both stages loaded the base models the script pretrained, as the paper recipes load Vicuna and CLIP
     base = tmp_path / "out" / "base"

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from llava_sft.eval.shapes import (
+    asked_shape,
     binding_report,
     feature_signal,
     load_jsonl,
@@ -340,6 +341,38 @@ def test_binding_report_on_generated_eval(data):
     assert report["neither"] == 0.0
 
 
+def test_asked_shape_is_the_one_shape_a_question_names():
+    """Hand-built: two red shapes, so 'What shape is red?' names no single shape; the others name one."""
+    red_square = {"color": "red", "shape": "square", "position": "bottom right", "cell": 8}
+    red_circle = {"color": "red", "shape": "circle", "position": "top left", "cell": 0}
+    blue_square = {"color": "blue", "shape": "square", "position": "center", "cell": 4}
+    shapes = [red_square, red_circle, blue_square]
+    assert asked_shape("color", "What color is the circle?", "red", shapes) is red_circle
+    assert asked_shape("position", "Where is the blue square?", "center", shapes) is blue_square
+    assert asked_shape("position", "Where is a red square?", "bottom right", shapes) is red_square
+    assert asked_shape("shape", "What shape is red?", "square", shapes) is None  # two red shapes
+    assert asked_shape("shape", "What shape is blue?", "square", shapes) is blue_square
+    assert asked_shape("count", "How many shapes are there?", "3", shapes) is None
+
+
+def test_asked_shape_on_generated_eval_agrees_with_the_oracle(data):
+    """Every colour / shape / position question of the generated eval set names exactly one shape, and that shape's
+    attribute is the oracle's answer (the generator asks only unambiguous questions)."""
+    image = {q["question_id"]: q for q in data["questions"]}
+    checked = 0
+    for a in data["answers"]:
+        q = image[a["question_id"]]
+        shapes = data["meta"][q["image"]]["shapes"]
+        found = asked_shape(a["category"], q["text"], a["answer"], shapes)
+        if a["category"] not in ("color", "shape", "position"):
+            assert found is None
+            continue
+        assert found is not None, q["text"]
+        assert found[a["category"]] == oracle(q["text"], shapes) == a["answer"]
+        checked += 1
+    assert checked > 20
+
+
 def test_load_jsonl_skips_blank_lines(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2}\n')
@@ -477,6 +510,104 @@ def test_feature_signal_reads_the_token_at_each_shapes_cell():
     features = {"a.png": tokens({0: 1.0, 4: -1.0}), "b.png": tokens({4: 1.0, 0: -1.0})}
     assert feature_signal(features, meta) == {"cell": 0.0, "color": 1.0, "shape": 0.0, "n": 4}
     assert feature_signal({}, meta) == {}
+
+
+def test_the_lookup_reports_the_head_that_looks_at_the_asked_shape_not_one_that_ignores_the_image():
+    """run_shapes.best_lookup on planted [layer, head, token] averages: the largest share belongs to a head that puts
+    5 % of its attention on the image (skipped: a large share of almost nothing); the next one is reported."""
+    import torch
+
+    from llava_sft.eval.run_shapes import best_lookup
+
+    share = torch.full((2, 3, 4), 0.4)
+    mass = torch.full((2, 3, 4), 0.5)
+    share[0, 2, 1], mass[0, 2, 1] = 0.99, 0.05
+    share[1, 0, 3] = 0.9
+    assert best_lookup(share, mass, 0.2) == (1, 0, 3)
+    assert best_lookup(share, mass, 0.0) == (0, 2, 1)
+
+
+def test_the_lookup_measures_the_attention_a_head_puts_on_the_asked_shape(data):
+    """run_shapes.attention_lookup through a stand-in model whose attention is planted: in layer 1, head 0 of the
+    question token two before the answer looks only at the raster-first shape of the image (read from the pixels),
+    and head 1 there at the last shape with 0.1 of its attention (too little to count); everything else looks
+    at the text. The reported share must be the share of questions whose asked shape (named by the question text,
+    as the oracle reads it) is the raster-first one, and the model's attention implementation must come back."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from llava_sft.constants import IMAGE_TOKEN_INDEX
+    from llava_sft.eval.run_shapes import attention_lookup
+
+    class WordTokenizer:
+        bos_token_id = 1
+
+        def __init__(self):
+            self.vocab = {"<s>": 1}
+
+        def __call__(self, text, **_):
+            return {"input_ids": [1] + [self.vocab.setdefault(w, len(self.vocab) + 1) for w in text.split()]}
+
+        def convert_ids_to_tokens(self, ids):
+            words = {i: w for w, i in self.vocab.items()}
+            return [words.get(i, "<image>") for i in ids]
+
+    def occupied(image):  # the cells whose pixels are not all background
+        px = np.asarray(image.convert("RGB"), dtype=np.float32)
+        third = px.shape[0] // 3
+        return torch.tensor([float(px[r * third:(r + 1) * third, c * third:(c + 1) * third].std() > 0)
+                             for r in range(3) for c in range(3)])
+
+    class PlantedModel:
+        attn_implementation = "sdpa"
+
+        def __init__(self):
+            self.llm = PlantedLLM(self)
+
+        def embed(self, ids, mask, pixels):
+            self.start, self.cells = ids[0].tolist().index(IMAGE_TOKEN_INDEX), pixels[0]
+            return SimpleNamespace(inputs_embeds=torch.zeros(1, ids.shape[1] + 8, 1))
+
+    class PlantedLLM:
+        def __init__(self, owner):
+            self.owner = owner
+
+        def set_attn_implementation(self, name):
+            self.owner.attn_implementation = name
+
+        def __call__(self, inputs_embeds, output_attentions, use_cache):
+            T, start = inputs_embeds.shape[1], self.owner.start
+            cells = self.owner.cells.nonzero().flatten().tolist()
+            weights = torch.zeros(2, 1, 2, T, T)
+            weights[..., 0] = 1.0  # the text (BOS) by default
+            query = T - 3
+            weights[1, 0, 0, query] = 0.0
+            weights[1, 0, 0, query, start + cells[0]] = 1.0
+            weights[1, 0, 1, query, 0] = 0.9
+            weights[1, 0, 1, query, start + cells[-1]] = 0.1
+            return SimpleNamespace(attentions=tuple(weights))
+
+    answerer = SimpleNamespace(model=PlantedModel(), tokenizer=WordTokenizer(), device=torch.device("cpu"),
+                               prompt_for=lambda q: "<image> " + q, processor=occupied)
+    report = attention_lookup(answerer, data["root"])
+    assert answerer.model.attn_implementation == "sdpa"
+    image = {q["question_id"]: q for q in data["questions"]}
+    for category in ("color", "shape", "position"):
+        first = []
+        for a in data["answers"]:
+            q = image[a["question_id"]]
+            shapes = data["meta"][q["image"]]["shapes"]
+            if a["category"] != category or len(shapes) < 2:
+                continue
+            named = [s for s in shapes if s[category] == oracle(q["text"], shapes)
+                     and all(re.search(rf"\b{s[k]}\b", q["text"]) for k in ("color", "shape") if k != category)]
+            first.append(min(shapes, key=lambda s: s["cell"]) is named[0])
+        found = report[category]
+        assert (found["layer"], found["head"], found["offset"]) == (1, 0, -2)
+        assert found["n"] == len(first) and found["share"] == pytest.approx(sum(first) / len(first), abs=1e-4)
+        assert found["image_mass"] == pytest.approx(1.0)
 
 
 def test_a_moved_caption_names_the_same_objects_each_somewhere_else(data):

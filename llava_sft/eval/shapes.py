@@ -104,6 +104,20 @@ def binding_report(predictions: dict[int, str], answers: list[dict], questions: 
             for cat, c in sorted(counts.items())}
 
 
+def asked_shape(category: str, question: str, answer: str, shapes: list[dict]) -> dict | None:
+    """The one shape a colour / shape / position question is about: the only shape with the attributes the question
+    names (a colour question names the shape, a shape question the colour, a position question both), provided its
+    asked attribute is the answer; None for other categories, or when the question does not single out one shape."""
+    if category not in BINDING_CATEGORIES:
+        return None
+    words = set(normalize_answer(question).split())
+    named = {"color": ("shape",), "shape": ("color",), "position": ("color", "shape")}[category]
+    found = [s for s in shapes if all(s[key] in words for key in named)]
+    if len(found) != 1 or normalize_answer(found[0][category]) != normalize_answer(answer):
+        return None
+    return found[0]
+
+
 def variance_share(vectors: list[list[float]], labels: list) -> float:
     """Share of the total variance of `vectors` (sum of squares about their mean) that the mean per label explains
     (the between-label sum of squares; 1.0 when each label has one vector value, 0.0 when all labels share the
