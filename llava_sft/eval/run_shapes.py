@@ -133,7 +133,8 @@ def attention_lookup(answerer: Answerer, data: Path, last: int = 8, min_mass: fl
             entry[1] = entry[1] + weights.sum(-1)
             entry[2] += 1 / len(shapes)
             entry[3] += 1
-            entry[4] = tokenizer.convert_ids_to_tokens(tokens[-last:])
+            names = tokenizer.convert_ids_to_tokens([max(t, 0) for t in tokens[-last:]])  # the image's id is < 0
+            entry[4] = [name if t >= 0 else "<image>" for t, name in zip(tokens[-last:], names, strict=True)]
     finally:
         model.llm.set_attn_implementation(previous)
     report = {}
