@@ -169,8 +169,9 @@ def format_table(metrics: dict) -> str:
                      f"(chance {8 / max(share['n'] - 1, 1):.3f}), colour {share['color']:.3f}, shape {share['shape']:.3f}")
     for t, b in metrics.get("lookup", {}).items():
         lines.append(f"look-up, {t} on 2-3 shapes (n {b['n']}): layer {b['layer']} head {b['head']}, at the question "
-                     f"token {b['offset']} from the answer ('{b['token']}' in the last one), gives the asked shape {b['share']:.2f} of its attention on the shapes "
-                     f"(chance {b['chance']:.2f}; {b['image_mass']:.2f} of it on the image)")
+                     f"token {b['offset']} from the answer ('{b['token']}' in the last one), gives the asked shape "
+                     f"{b['share']:.2f} of its attention on the shapes (chance {b['chance']:.2f}; "
+                     f"{b['image_mass']:.2f} of it on the image)")
     return "\n".join(lines)
 
 

@@ -110,7 +110,7 @@ def asked_shape(category: str, question: str, answer: str, shapes: list[dict]) -
     asked attribute is the answer; None for other categories, or when the question does not single out one shape."""
     if category not in BINDING_CATEGORIES:
         return None
-    words = set(normalize_answer(question).split())
+    words = set(re.findall(r"[a-z]+", question.lower()))  # every sentence of it, not only the first
     named = {"color": ("shape",), "shape": ("color",), "position": ("color", "shape")}[category]
     found = [s for s in shapes if all(s[key] in words for key in named)]
     if len(found) != 1 or normalize_answer(found[0][category]) != normalize_answer(answer):
