@@ -37,8 +37,11 @@ def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluat
         asked = [len(meta[q["image"]]) for q in questions if q["category"] == category and len(meta[q["image"]]) > 1]
         assert found["n"] == len(asked) and found["chance"] == pytest.approx(sum(1 / n for n in asked) / len(asked),
                                                                                abs=1e-4)
+        if found["layer"] is None:  # no head puts 0.2 of its attention on the image (a shrunk run may not learn to)
+            assert found["image_mass"] < 0.2 and found["share"] is None
+            continue
         assert 0 <= found["layer"] < llm["num_hidden_layers"] and 0 <= found["head"] < llm["num_attention_heads"]
-        assert -7 <= found["offset"] <= 0 and 0.0 <= found["share"] <= 1.0 and 0.0 <= found["image_mass"] <= 1.0
+        assert -7 <= found["offset"] <= 0 and 0.0 <= found["share"] <= 1.0 and 0.2 <= found["image_mass"] <= 1.0
     assert (tmp_path / "out" / "stage2" / "llm" / "config.json").is_file()
     # both stages loaded the base models the script pretrained, as the paper recipes load Vicuna and CLIP
     base = tmp_path / "out" / "base"

@@ -525,6 +525,7 @@ def test_the_lookup_reports_the_head_that_looks_at_the_asked_shape_not_one_that_
     share[1, 0, 3] = 0.9
     assert best_lookup(share, mass, 0.2) == (1, 0, 3)
     assert best_lookup(share, mass, 0.0) == (0, 2, 1)
+    assert best_lookup(share, mass, 0.6) is None  # no head looks at the image: none is named
 
 
 def test_the_lookup_measures_the_attention_a_head_puts_on_the_asked_shape(data):
@@ -539,7 +540,7 @@ def test_the_lookup_measures_the_attention_a_head_puts_on_the_asked_shape(data):
     import torch
 
     from llava_sft.constants import IMAGE_TOKEN_INDEX
-    from llava_sft.eval.run_shapes import attention_lookup
+    from llava_sft.eval.run_shapes import attention_lookup, format_table
 
     class WordTokenizer:
         bos_token_id = 1
@@ -608,6 +609,13 @@ def test_the_lookup_measures_the_attention_a_head_puts_on_the_asked_shape(data):
         assert (found["layer"], found["head"], found["offset"]) == (1, 0, -2)
         assert found["n"] == len(first) and found["share"] == pytest.approx(sum(first) / len(first), abs=1e-4)
         assert found["image_mass"] == pytest.approx(1.0)
+    # asked for more image attention than any head gives, no head is named (the most it gets is reported)
+    strict = attention_lookup(answerer, data["root"], min_mass=1.01)
+    for category in ("color", "shape", "position"):
+        assert strict[category]["layer"] is None and strict[category]["share"] is None
+        assert strict[category]["image_mass"] == pytest.approx(1.0)
+    assert "no head puts 1.01 of its attention on the image" in format_table({"by_type": {}, "overall": {"accuracy": 1.0},
+                                                                          "lookup": strict})
 
 
 def test_a_moved_caption_names_the_same_objects_each_somewhere_else(data):

@@ -140,7 +140,13 @@ def attention_lookup(answerer: Answerer, data: Path, last: int = 8, min_mass: fl
     report = {}
     for category, (share, mass, chance, n, tokens) in sorted(sums.items()):
         share, mass = share / n, mass / n
-        layer, head, k = best_lookup(share, mass, min_mass)
+        found = best_lookup(share, mass, min_mass)
+        if found is None:  # no head looks at the image: nothing to name (image_mass: the most any one puts there)
+            report[category] = {"n": n, "chance": round(chance / n, 4), "layer": None, "head": None,
+                                "offset": None, "token": None, "share": None,
+                                "image_mass": round(float(mass.max()), 4), "min_mass": min_mass}
+            continue
+        layer, head, k = found
         report[category] = {"n": n, "chance": round(chance / n, 4), "layer": layer, "head": head,
                             "offset": k - (last - 1), "token": tokens[k].lstrip("\u2581"),
                             "share": round(float(share[layer, head, k]), 4),
@@ -148,9 +154,12 @@ def attention_lookup(answerer: Answerer, data: Path, last: int = 8, min_mass: fl
     return report
 
 
-def best_lookup(share: torch.Tensor, mass: torch.Tensor, min_mass: float) -> tuple[int, int, int]:
+def best_lookup(share: torch.Tensor, mass: torch.Tensor, min_mass: float) -> tuple[int, int, int] | None:
     """(layer, head, token) of the largest `share` [L, H, K] among those whose image attention `mass` is at least
-    `min_mass` (a head that barely looks at the image would score a large share of almost nothing)."""
+    `min_mass` (a head that barely looks at the image would score a large share of almost nothing); None when
+    none does."""
+    if not bool((mass >= min_mass).any()):
+        return None
     share = torch.where(mass >= min_mass, share, torch.full_like(share, -1.0))
     return tuple(int(i) for i in torch.unravel_index(share.argmax(), share.shape))
 
@@ -168,6 +177,10 @@ def format_table(metrics: dict) -> str:
         lines.append(f"{stage} tokens of the shapes (n {share['n']}): variance explained by cell {share['cell']:.3f} "
                      f"(chance {8 / max(share['n'] - 1, 1):.3f}), colour {share['color']:.3f}, shape {share['shape']:.3f}")
     for t, b in metrics.get("lookup", {}).items():
+        if b["layer"] is None:
+            lines.append(f"look-up, {t} on 2-3 shapes (n {b['n']}): no head puts {b['min_mass']} of its attention on "
+                         f"the image (the most: {b['image_mass']:.2f})")
+            continue
         lines.append(f"look-up, {t} on 2-3 shapes (n {b['n']}): layer {b['layer']} head {b['head']}, at the question "
                      f"token {b['offset']} from the answer ('{b['token']}' in the last one), gives the asked shape "
                      f"{b['share']:.2f} of its attention on the shapes (chance {b['chance']:.2f}; "
