@@ -100,6 +100,7 @@ class DataConfig:
     # text token, the prompt and the user's turns too: the "no loss masking" ablation, scripts/demo_ablations.sh)
     loss_on: str = "replies"
     group_by_modality: bool = False  # LLaVA-1.5 group_by_modality_length batches
+    group_by_length: bool = False  # HF Trainer's group_by_length: batches of similar length (data/sampler.py)
     num_workers: int = 2
     # Padding-free packing (data/packing.py): each rank's share of a global batch is packed into rows of at most
     # pack_max_tokens tokens (after image expansion; None = max_length), train.micro_batch_size rows per forward

@@ -13,6 +13,8 @@ import pytest
 from llava_sft.config import load_config
 from llava_sft.eval import ablations as ab
 
+SHIPPED = load_config(ab.STAGE2).model.projector  # the demo recipe's projector (configs/demo/base_stage2.yaml)
+
 
 @pytest.fixture
 def base(tmp_path: Path) -> Path:
@@ -59,8 +61,11 @@ def test_each_variant_changes_one_thing_and_loads_as_a_valid_config(base, tmp_pa
         "two_types": {"s2:data.path"},
         "lora": {"s2:model.lora", "s2:train.lr", "s2:train.projector_lr"},
         "tower": {"s2:train.train_vision_tower", "s2:train.vision_tower_lr"},
-        "linear": {"s1:model.projector", "s2:model.projector"},
+        # the projector row's two sides: the shipped one is the full recipe itself
+        "mlp": set() if SHIPPED == "mlp2x_gelu" else {"s1:model.projector", "s2:model.projector"},
+        "linear": set() if SHIPPED == "linear" else {"s1:model.projector", "s2:model.projector"},
     }
+    assert variants["mlp"] == variants["full"] if SHIPPED == "mlp2x_gelu" else variants["linear"] == variants["full"]
     # the random-init LLM is the pretrained one's architecture, without its weights
     random_cfg = load_config(ab.STAGE2, variants["random_llm"]["stage2"]).model.llm
     assert random_cfg.path is None and random_cfg.config["hidden_size"] == 32
@@ -80,9 +85,12 @@ def test_shared_runs_are_planned_once_per_seed(base, tmp_path):
     jobs, evals = ab.make_jobs(variants, [0, 1], tmp_path / "data", tmp_path / "out", [])
     stage1 = [j for j in jobs if j.startswith("s1-")]
     stage2 = [j for j in jobs if j.startswith("s2-")]
-    # Stage 1: full recipe, random LLM, linear projector; Stage 2: every variant but other_template (eval only)
-    assert len(stage1) == 3 * 2 and len(stage2) == (len(variants) - 1) * 2
-    assert len([j for j in jobs if j.startswith("eval-")]) == len(variants) * 2
+    # Stage 1: full recipe, random LLM, the projector the recipe does not ship; Stage 2: every variant but
+    # other_template (eval only) and the shipped projector's (the full recipe's own run)
+    assert len(stage1) == 3 * 2 and len(stage2) == (len(variants) - 2) * 2
+    assert len([j for j in jobs if j.startswith("eval-")]) == (len(variants) - 1) * 2
+    shipped = "mlp" if SHIPPED == "mlp2x_gelu" else "linear"
+    assert evals[(shipped, 0)] == evals[("full", 0)] and evals[("mlp", 0)] != evals[("linear", 0)]
     full, other = evals[("full", 0)], evals[("other_template", 0)]
     assert full[1] == other[1] and full[0] != other[0]
     assert jobs[other[0]].argv[-2:] == ["--template", ab.OTHER_TEMPLATE]
@@ -127,7 +135,10 @@ def test_results_are_collected_into_json_markdown_and_a_chart(base, tmp_path):
     variants = ab.plan_runs(data, base, lr=1e-3)
     jobs, evals = ab.make_jobs(variants, [0, 1], data, out, [])
     accuracy = {"full": 0.9, "no_stage1": 0.7, "no_mask": 0.88, "other_template": 0.2, "random_llm": 0.5,
-                "small_diverse": 0.8, "two_types": 0.5, "lora": 0.89, "tower": 0.9, "linear": 0.85}
+                "small_diverse": 0.8, "two_types": 0.5, "lora": 0.89, "tower": 0.9}
+    # the shipped projector's side is the full recipe's run (its accuracy); the other side is written so that the
+    # MLP wins by 0.05, above the 2-standard-error margin (~0.033 at 600 answers per arm)
+    accuracy.update({"linear": 0.9, "mlp": 0.95} if SHIPPED == "linear" else {"mlp": 0.9, "linear": 0.85})
     for (variant, seed), (ev, s2) in evals.items():
         (out / "runs" / ev).mkdir(parents=True, exist_ok=True)
         (out / "runs" / ev / "metrics.json").write_text(json.dumps(
@@ -147,6 +158,8 @@ def test_results_are_collected_into_json_markdown_and_a_chart(base, tmp_path):
     assert rows["lora"]["extra_metric"]["ablated"] == pytest.approx(0.05) and rows["lora"]["agrees"] is True
     assert rows["diversity"]["agrees"] is True and rows["diversity"]["also"]["full set (6,000, every type)"]["accuracy"] == 0.9
     assert rows["projector"]["agrees"] is True and rows["tower"]["agrees"] is True
+    assert (rows["projector"]["baseline"], rows["projector"]["ablated"]) == pytest.approx(
+        (0.95, 0.9) if SHIPPED == "linear" else (0.9, 0.85))  # baseline = the MLP, whichever the recipe ships
     table = ab.markdown(results)
     assert table.count("\n| ") == 8 and "does not agree" not in table  # 8 rows below the header
     ab.plot(results, out / "results.png")

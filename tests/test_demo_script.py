@@ -48,10 +48,10 @@ def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluat
     assert (base / "llm" / "config.json").is_file() and (base / "clip.pt").is_file()
     saved = json.loads((tmp_path / "out" / "stage1" / "llava_config.json").read_text())["model"]
     assert saved["llm"]["path"] == str(base / "llm") and saved["vision"]["pretrained"] == str(base / "clip.pt")
-    # Stage 2 in two passes: one epoch on one-shape images from Stage 1's projector, then the full set from there
+    # Stage 2 in two passes: two epochs on one-shape images from Stage 1's projector, then the full set from there
     warm = yaml.safe_load((tmp_path / "out" / "stage2_warmup" / "config.yaml").read_text())
     full = yaml.safe_load((tmp_path / "out" / "stage2" / "config.yaml").read_text())
-    assert warm["data"]["path"] == str(tmp_path / "data" / "stage2_warmup.json") and warm["train"]["epochs"] == 1
+    assert warm["data"]["path"] == str(tmp_path / "data" / "stage2_warmup.json") and warm["train"]["epochs"] == 2
     assert warm["train"]["pretrained_projector"] == str(tmp_path / "out" / "stage1")
     assert warm["model"]["llm"]["path"] == str(base / "llm")
     assert full["data"]["path"] == str(tmp_path / "data" / "stage2.json")

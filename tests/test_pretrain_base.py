@@ -27,7 +27,7 @@ def base(tmp_path_factory):
     train_llama_tokenizer(corpus, root / "data" / "tokenizer", vocab_size=400)
     args = ["--data", str(root / "data"), "--tokenizer", str(root / "data" / "tokenizer"), "--out", str(root / "base"),
             "--arch", REPO_ARCH, "--lm-steps", "30", "--lm-batch", "8", "--lm-seq-len", "64",
-            "--clip-steps", "60", "--clip-batch", "32"]
+            "--clip-steps", "120", "--clip-batch", "32"]  # 60 learnt only 3 % from the std-0.5 positions (3.57 -> 3.46), 120 learn (-> 0.58)
     pretrain_main(args)
     return root, args
 

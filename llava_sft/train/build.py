@@ -122,8 +122,9 @@ def check_data_source(cfg: RunConfig) -> None:
     if bool(cfg.data.path) == bool(cfg.data.shards):
         raise ValueError("set exactly one of data.path (a LLaVA JSON) and data.shards (a shard directory); to train "
                          "from shards with a config that names a JSON, add data.path=''")
-    if cfg.data.shards and cfg.data.group_by_modality:
-        raise ValueError("data.group_by_modality needs data.path: a stream from data.shards is not grouped")
+    for key in ("group_by_modality", "group_by_length"):
+        if cfg.data.shards and getattr(cfg.data, key):
+            raise ValueError(f"data.{key} needs data.path: a stream from data.shards is not grouped")
 
 
 def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan | StreamPlan:
@@ -138,7 +139,8 @@ def make_plan(cfg: RunConfig, dataset, world: int, rank: int) -> BatchPlan | Str
                          f"size ({world})")
     return BatchPlan([dataset.approx_length(i) for i in range(len(dataset))],
                      [dataset.has_image(i) for i in range(len(dataset))], train.global_batch_size,
-                     micro, world, rank, train.seed, cfg.data.group_by_modality, strided_shares=cfg.data.packing)
+                     micro, world, rank, train.seed, cfg.data.group_by_modality, strided_shares=cfg.data.packing,
+                     group_by_length=cfg.data.group_by_length)
 
 
 def warn_about_repeats(repeated: int, samples: int, global_batch: int) -> None:

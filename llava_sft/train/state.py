@@ -23,7 +23,8 @@ from llava_sft.train.logger import plot_loss_curve
 log = logging.getLogger("llava_sft.train")
 
 # Changing these between a checkpoint and its continuation would silently change the data order.
-RESUME_MUST_MATCH = ("data.path", "data.shards", "train.global_batch_size", "train.seed", "data.group_by_modality")
+RESUME_MUST_MATCH = ("data.path", "data.shards", "train.global_batch_size", "train.seed", "data.group_by_modality",
+                     "data.group_by_length")
 # a shard stream's order also depends on these (and on the number of ranks: checked through the per-rank files)
 STREAM_MUST_MATCH = ("data.shuffle_buffer", "data.num_workers")
 
@@ -92,11 +93,13 @@ class RunState:
     def restore(self, path: Path, engine, model) -> None:
         """Load a periodic checkpoint for an exact continuation."""
         state, this_rank = ckpt.load_checkpoint(path, self.rank)
-        saved, now = state["config"], to_dict(self.cfg)
+        saved, now, default = state["config"], to_dict(self.cfg), to_dict(RunConfig())
         for key in RESUME_MUST_MATCH + (STREAM_MUST_MATCH if self.cfg.data.shards else ()):
             section, name = key.split(".")
-            if saved.get(section, {}).get(name) != now[section][name]:
-                raise ValueError(f"cannot resume from {path}: {key} was {saved.get(section, {}).get(name)!r} and is "
+            # a key the checkpoint's config lacks is newer than the checkpoint: that run had its default
+            then = saved.get(section, {}).get(name, default[section][name])
+            if then != now[section][name]:
+                raise ValueError(f"cannot resume from {path}: {key} was {then!r} and is "
                                  f"now {now[section][name]!r} (use train.resume=never to start again)")
         then, now_fp = state.get("data_fingerprint"), data_fingerprint(self.cfg)
         if then is not None and then != now_fp:
