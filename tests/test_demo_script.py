@@ -52,6 +52,7 @@ def test_demo_script_pretrains_its_base_models_then_runs_both_stages_and_evaluat
     warm = yaml.safe_load((tmp_path / "out" / "stage2_warmup" / "config.yaml").read_text())
     full = yaml.safe_load((tmp_path / "out" / "stage2" / "config.yaml").read_text())
     assert warm["data"]["path"] == str(tmp_path / "data" / "stage2_warmup.json") and warm["train"]["epochs"] == 2
+    assert warm["train"]["global_batch_size"] == 8
     assert warm["train"]["pretrained_projector"] == str(tmp_path / "out" / "stage1")
     assert warm["model"]["llm"]["path"] == str(base / "llm")
     assert full["data"]["path"] == str(tmp_path / "data" / "stage2.json")
