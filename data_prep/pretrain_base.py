@@ -180,9 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lm-batch", type=int, default=16)
     ap.add_argument("--lm-seq-len", type=int, default=128)
     ap.add_argument("--lm-lr", type=float, default=3e-3)
-    # 400 steps with a learnable position embedding initialised at std 0.5 (configs/demo/tiny-clip.json): on it,
-    # Stage 2 reached >= 0.90 at seeds 0/1/2; with the fixed sin-cos embedding and 200 steps (until 2026-12-01) no
-    # recipe did, and std 0.25 did worse than 0.5 (benchmarks/RESULTS.md, eleventh and twelfth sessions)
+    # 400 steps with a learnable position embedding initialised at std 0.5 (configs/demo/tiny-clip.json): on it the
+    # demo reached 0.917/0.967/0.927 at seeds 0/1/2 (eleventh session) and 0.893/0.953/0.917 through the shipped
+    # script (twelfth); with the fixed sin-cos embedding and 200 steps (until 2026-12-01) no recipe got position
+    # questions past 0.68, and std 0.25 did worse than 0.5 (benchmarks/RESULTS.md)
     ap.add_argument("--clip-steps", type=int, default=400)
     ap.add_argument("--clip-batch", type=int, default=256)
     ap.add_argument("--clip-lr", type=float, default=1e-3)  # 2e-2 collapsed to chance at batch 32 (measured)
