@@ -201,7 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     if not prose_file.is_file():
         raise SystemExit(f"{prose_file} is missing: generate it with python -m data_prep.make_shapes ... --n-prose N")
     # the inputs count by content (digested below), not by where they lie: a moved data directory is reused
+    pos_std = args.clip_pos_std
+    if pos_std is None and json.loads(args.arch.read_text())["vision_cfg"].get("pos_embed_type") == "learnable":
+        pos_std = DEFAULT_POS_STD
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "data", "tokenizer", "arch")}
+    settings["clip_pos_std"] = pos_std  # the std used, default included: a changed default rebuilds the cache
     record = {"settings": settings, "llm_config": LLM_CONFIG,
               "inputs": _digest(prose_file, stage1_file, args.tokenizer, args.arch)}
     stamp = args.out / "base.json"
@@ -221,9 +225,6 @@ def main(argv: list[str] | None = None) -> None:
         meta = {m["image"]: m["shapes"] for m in map(json.loads, (args.data / "meta.jsonl").read_text().splitlines())}
         rng = random.Random(f"{args.seed}-negatives")
         negatives = [moved_caption(rng, meta[r["image"]]) for r in records]
-    pos_std = args.clip_pos_std
-    if pos_std is None and json.loads(args.arch.read_text())["vision_cfg"].get("pos_embed_type") == "learnable":
-        pos_std = DEFAULT_POS_STD
     clip_losses = pretrain_clip(pairs, args.arch, args.out / "clip.pt", args.clip_steps, args.clip_batch,
                                 args.clip_lr, args.seed, pos_std, negatives)
     (args.out / "losses.json").write_text(json.dumps({"llm": lm_losses, "clip": clip_losses}) + "\n")
