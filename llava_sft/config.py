@@ -102,6 +102,10 @@ class DataConfig:
     group_by_modality: bool = False  # LLaVA-1.5 group_by_modality_length batches
     group_by_length: bool = False  # HF Trainer's group_by_length: batches of similar length (data/sampler.py)
     num_workers: int = 2
+    # keep each sample as first loaded (token ids, labels, image tensors) in memory and reuse it in later epochs: for
+    # small datasets on few CPU cores, where re-tokenizing and re-decoding every epoch competes with the step (the
+    # demo: 6,000 samples, ~170 MB, benchmarks/RESULTS.md). The cache lives in the main process: num_workers must be 0
+    cache_samples: bool = False
     # Padding-free packing (data/packing.py): each rank's share of a global batch is packed into rows of at most
     # pack_max_tokens tokens (after image expansion; None = max_length), train.micro_batch_size rows per forward
     # pass; attention never crosses a sample boundary and the loss is exactly that of the unpacked batch.
@@ -266,6 +270,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     errors += _numeric_string_errors("model.llm.config", cfg.model.llm.config)
     errors += _numeric_string_errors("model.vision.model_kwargs", cfg.model.vision.model_kwargs)
     errors += _engine_errors(cfg.train, bool(cfg.model.lora and cfg.model.lora.quantize))
+    errors += _data_errors(cfg.data)
     errors += _registry_errors(cfg)
     if errors:
         raise ConfigError("invalid config values:\n  " + "\n  ".join(errors))
@@ -314,6 +319,18 @@ def _numeric_string_errors(key: str, value) -> list[str]:
             return [f"{key}={value!r} is a string that reads as a number: YAML reads 1e-6 (no dot) as a string; "
                     f"write it with a dot and a signed exponent ({number:.1e})"]
     return []
+
+
+def _data_errors(data: DataConfig) -> list[str]:
+    """Combinations of data settings that cannot mean what they say."""
+    errors = []
+    if data.cache_samples and data.num_workers:
+        errors.append(f"data.cache_samples=true needs data.num_workers=0, got {data.num_workers}: loader workers "
+                      f"start afresh each epoch, so a cache filled inside them would be thrown away")
+    if data.cache_samples and data.shards:
+        errors.append("data.cache_samples=true is for a JSON dataset (data.path): shards are streamed once per "
+                      "epoch, not indexed")
+    return errors
 
 
 def _engine_errors(train: TrainConfig, quantized: bool) -> list[str]:

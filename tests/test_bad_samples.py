@@ -351,6 +351,46 @@ def test_runtime_overlong_still_follows_policy(overlong):
             fit_length(ids, labels, 5 + TOKENS_PER_IMAGE - 1, TOKENS_PER_IMAGE, overlong, "x")
 
 
+# ----------------------------------------------------------------------------- data.cache_samples
+def test_cached_samples_are_read_from_disk_once(make_dataset, tmp_path):
+    """With the cache, a later epoch reuses the first load: the images can be gone by then. Without it the same
+    access reads the disk again (and here finds the file missing), which is what the cache saves."""
+    records = [good("a", image="a.png"), good("text", image=None), good("b", image="b.png")]
+    cached = make_dataset(records, cache_samples=True)
+    plain = make_dataset(records)
+    first = [cached[i] for i in range(3)]
+    first[0].pop("input_ids")  # a caller changing its copy does not change the cache
+    for png in (tmp_path / "images").iterdir():
+        png.unlink()
+    with pytest.raises(BadSampleError, match="missing image file"):
+        plain[0]
+    again = [cached[i] for i in range(3)]
+    for item, reference in zip(again, [plain_item(records[i], plain) for i in range(3)], strict=True):
+        assert item["id"] == reference["id"]
+        assert torch.equal(item["input_ids"], reference["input_ids"])
+        assert torch.equal(item["labels"], reference["labels"])
+    assert again[0]["images"].shape == (1, 3, 32, 32) and again[1]["images"].shape == (0, 3, 32, 32)
+
+
+def plain_item(record, dataset):
+    """What the uncached dataset's first load would have given: the same tokenization, and the images' count."""
+    ids, labels = tokenize_conversation(record["conversations"], dataset.tokenizer, dataset.template,
+                                        num_images=1 if "image" in record else 0, sample_id=record["id"])
+    return {"id": record["id"], "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+
+def test_a_cached_bad_sample_is_skipped_and_counted_every_epoch(make_dataset, tmp_path):
+    """A sample that failed to load is cached as the skip it was, so each epoch still reports it."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG garbage")
+    dataset = make_dataset([good("ok"), good("broken", image="broken.png")], bad_samples="skip",
+                           check_images="off", cache_samples=True)
+    for _ in range(2):
+        batch = Collator(0)([dataset[0], dataset[1]])
+        assert batch["ids"] == ["ok"]
+        assert batch["skipped"][0][0] == "broken" and batch["skipped"][0][1].startswith("corrupt image")
+
+
 # ----------------------------------------------------------------------------- collator
 def test_collator_pads_and_reports_skips(make_dataset, llama_tokenizer, tmp_path, write_pngs):
     records = [

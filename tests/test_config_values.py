@@ -55,6 +55,18 @@ def test_a_number_yaml_reads_as_a_string_in_an_architecture_dict_is_refused():
     assert cfg.model.llm.config["rms_norm_eps"] == 1e-6
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["data.cache_samples=true", "data.num_workers=2"],
+     r"data\.cache_samples=true needs data\.num_workers=0, got 2: loader workers start afresh each epoch"),
+    (["data.cache_samples=true", "data.num_workers=0", "data.shards=/tmp/shards"],
+     r"data\.cache_samples=true is for a JSON dataset \(data\.path\)"),
+])
+def test_a_sample_cache_that_would_be_thrown_away_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(RECIPE, overrides)
+    load_config(RECIPE, ["data.cache_samples=true", "data.num_workers=0"])
+
+
 def test_every_bad_value_is_listed_at_once():
     with pytest.raises(ConfigError) as err:
         load_config(RECIPE, ["train.device=gpu", "train.micro_batch_size=0", "data.overlong=x"])

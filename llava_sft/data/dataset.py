@@ -146,6 +146,7 @@ class LlavaJsonDataset(Dataset):
         control_strings: str = "refuse",
         cache_dir: str | None = None,
         startup_cache: bool = True,
+        cache_samples: bool = False,
     ):
         if overlong not in ("truncate", "drop"):
             raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
@@ -157,6 +158,8 @@ class LlavaJsonDataset(Dataset):
         self.tokens_per_image, self.max_length = tokens_per_image, max_length
         self.overlong, self.bad_samples, self.control_strings = overlong, bad_samples, control_strings
         self.report = SkipReport()
+        # data.cache_samples: index -> the sample as first loaded (the collators copy out of it, never into it)
+        self._cache: dict[int, dict] | None = {} if cache_samples else None
         settings = StartupSettings(template, tokenizer, tokens_per_image, max_length, overlong, control_strings,
                                    check_images)
         catalog = prepare(json_path, self.image_folder, settings, cache_dir, startup_cache, read=read_records)
@@ -194,14 +197,19 @@ class LlavaJsonDataset(Dataset):
         return int(self._approx[index])
 
     def __getitem__(self, index: int) -> dict:
+        if self._cache is not None and index in self._cache:
+            return dict(self._cache[index])
         record = self.records[index]
         sample_id = record.get("id", f"#{index}")
         try:
-            return self._load(record, sample_id)
+            sample = self._load(record, sample_id)
         except BadSampleError as e:
             if self.bad_samples == "error":
                 raise
-            return {"skip": e.reason, "id": str(sample_id)}
+            sample = {"skip": e.reason, "id": str(sample_id)}
+        if self._cache is not None:
+            self._cache[index] = sample
+        return dict(sample)
 
     def _load(self, record: dict, sample_id) -> dict:
         names = image_list(record)

@@ -91,7 +91,7 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
     else:
         dataset = LlavaJsonDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start,
                                    control_strings=cfg.data.control_strings, cache_dir=cfg.data.cache_dir or None,
-                                   startup_cache=cfg.data.startup_cache)
+                                   startup_cache=cfg.data.startup_cache, cache_samples=cfg.data.cache_samples)
     return model.to_device(device), tokenizer, dataset
 
 
