@@ -352,13 +352,15 @@ def test_runtime_overlong_still_follows_policy(overlong):
 
 
 # ----------------------------------------------------------------------------- data.cache_samples
-def test_cached_samples_are_read_from_disk_once(make_dataset, tmp_path):
+def test_cached_samples_are_read_from_disk_once(make_dataset, tmp_path, caplog):
     """With the cache, a later epoch reuses the first load: the images can be gone by then. Without it the same
     access reads the disk again (and here finds the file missing), which is what the cache saves."""
     records = [good("a", image="a.png"), good("text", image=None), good("b", image="b.png")]
     cached = make_dataset(records, cache_samples=True)
     plain = make_dataset(records)
-    first = [cached[i] for i in range(3)]
+    with caplog.at_level("INFO", logger="llava_sft.data.dataset"):
+        first = [cached[i] for i in range(3)]
+    assert "data.cache_samples: all 3 samples held in memory" in caplog.text  # the memory it takes, logged once
     first[0].pop("input_ids")  # a caller changing its copy does not change the cache
     for png in (tmp_path / "images").iterdir():
         png.unlink()

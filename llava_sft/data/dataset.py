@@ -209,6 +209,11 @@ class LlavaJsonDataset(Dataset):
             sample = {"skip": e.reason, "id": str(sample_id)}
         if self._cache is not None:
             self._cache[index] = sample
+            if len(self._cache) == len(self):
+                size = sum(v.numel() * v.element_size() for item in self._cache.values() for v in item.values()
+                           if isinstance(v, torch.Tensor))
+                log.info("data.cache_samples: all %d samples held in memory (%.0f MB); later epochs read nothing "
+                         "from disk", len(self), size / 2**20)
         return dict(sample)
 
     def _load(self, record: dict, sample_id) -> dict:
