@@ -104,7 +104,8 @@ class DataConfig:
     num_workers: int = 2
     # keep each sample as first loaded (token ids, labels, image tensors) in memory and reuse it in later epochs: for
     # small datasets on few CPU cores, where re-tokenizing and re-decoding every epoch competes with the step (the
-    # demo: 6,000 samples, ~170 MB, benchmarks/RESULTS.md). The cache lives in the main process: num_workers must be 0
+    # demo: 6,000 samples, ~170 MB, benchmarks/RESULTS.md). The cache lives in the main process: num_workers must be 0;
+    # with several ranks each holds what it has loaded (as epochs reshuffle, up to the whole set per rank)
     cache_samples: bool = False
     # Padding-free packing (data/packing.py): each rank's share of a global batch is packed into rows of at most
     # pack_max_tokens tokens (after image expansion; None = max_length), train.micro_batch_size rows per forward
