@@ -39,7 +39,7 @@ if [ "$BASE" = pretrained ]; then
   # images, where there is one object to find. One epoch of it raised seeds 0/1/2 from 0.763/0.800/0.780 to
   # 0.830/0.867/0.793 (the earlier recipe, 2-core Xeon); with the linear projector two epochs beat one
   # (0.927/0.923/0.920 against 0.857/0.887/0.930; benchmarks/RESULTS.md, eleventh session). Pass 2 is the
-  # recipe's Stage 2 (8 epochs at batch 16), from pass 1's LLM and projector.
+  # recipe's Stage 2 (10 epochs at batch 16), from pass 1's LLM and projector.
   echo "-- pass 1: one-shape images (stage2_warmup.json), 2 epochs; pass 2: the full set"
   python -m llava_sft.train "${CONFIGS}2.yaml" "${common[@]}" data.path="$DATA/stage2_warmup.json" \
     train.pretrained_projector="$OUT/stage1" train.output_dir="$OUT/stage2_warmup" "$@" train.epochs=2 \
