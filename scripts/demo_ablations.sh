@@ -5,7 +5,7 @@
 #   bash scripts/demo_ablations.sh [--seeds 0 1] [--jobs 2] [--stage2 KEY=VALUE ...]
 # Every Stage-2 run takes a shorter budget than the demo's own (10 epochs at batch 16): 3 epochs at batch 16, the
 # setting the measured table in benchmarks/RESULTS.md was made with; 8 rows x 2 seeds then fit in 45 minutes on
-# 2 cores (27.5 minutes measured). `--stage2 train.epochs=10` gives the demo's pass-2 budget (about 3x the
+# 2 cores (21.5 minutes measured, 2026-12-02). `--stage2 train.epochs=10` gives the demo's pass-2 budget (about 3x the
 # Stage-2 time, not measured). Stage 2 here is one pass on the full set: demo.sh's one-shape first
 # pass (a curriculum the papers do not have) is left out, so each row changes one thing of the paper recipe. Writes $DEMO_OUT/ablations/results.json,
 # results.md and results.png; finished runs are reused on a rerun.
