@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     # 1,200 steps of 16 blocks at lr 3e-3 (was 600 of 32 at 6e-3, the same tokens): Stage 2 on the 600-step base
     # converged on one CPU and not on another (0.87 vs 0.62 at seed 0); on bases pretrained longer it converges on
     # every base and seed measured (final loss 0.10-0.14). Batch 16 costs 160 s against 276 s for batch 32 on a
-    # 2-core EPYC, and Stage 2 on it did as well (benchmarks/RESULTS.md, 2026-12-01).
+    # 2-core EPYC, and Stage 2 on it did as well (benchmarks/RESULTS.md, 2026-12-01); on the 2-core Xeon the time per
+    # token is the same at 16, 32 and 64 (fourteenth session).
     ap.add_argument("--lm-steps", type=int, default=1200)
     ap.add_argument("--lm-batch", type=int, default=16)
     ap.add_argument("--lm-seq-len", type=int, default=128)
