@@ -137,6 +137,14 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max grad norm; 0 disables
+    # How a step's token losses are weighted (docs/training.md, "Loss normalisation"):
+    #   "global_tokens": the summed token loss / the supervised tokens of the whole global batch (all micro-batches,
+    #     all ranks): every supervised token weighs the same, whatever the split into micro-batches and ranks;
+    #     the only choice with data.packing (which changes which samples share a forward pass);
+    #   "micro_batch_mean": each micro-batch's token mean, averaged over accumulation steps and ranks -- what HF
+    #     Trainer < 4.46 did, so LLaVA / LLaVA-1.5's runs (transformers 4.31 / 4.37): a token of a micro-batch with
+    #     few supervised tokens weighs more.
+    loss_normalization: str = "global_tokens"
     bf16: bool = True  # bf16 autocast on GPU (ignored on CPU)
     gradient_checkpointing: bool = False
     seed: int = 42
@@ -222,6 +230,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.engine": ("auto", "ddp", "deepspeed", "fsdp2"),
     "train.lr_schedule": ("cosine", "constant"),
+    "train.loss_normalization": ("global_tokens", "micro_batch_mean"),
     "data.overlong": ("truncate", "drop"),
     "data.bad_samples": ("error", "skip"),
     "data.control_strings": ("refuse", "keep"),
@@ -272,6 +281,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     errors += _numeric_string_errors("model.vision.model_kwargs", cfg.model.vision.model_kwargs)
     errors += _engine_errors(cfg.train, bool(cfg.model.lora and cfg.model.lora.quantize))
     errors += _data_errors(cfg.data)
+    if cfg.data.packing and cfg.train.loss_normalization == "micro_batch_mean":
+        errors.append("train.loss_normalization=micro_batch_mean cannot go with data.packing=true: packing decides "
+                      "which samples share a forward pass, so a per-micro-batch mean would weigh tokens by how they "
+                      "were packed; use train.loss_normalization=global_tokens (packed == padded exactly) or "
+                      "data.packing=false")
     errors += _registry_errors(cfg)
     if errors:
         raise ConfigError("invalid config values:\n  " + "\n  ".join(errors))

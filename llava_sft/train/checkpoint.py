@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llava_sft.train.collectives import barrier
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -45,11 +47,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def save_checkpoint(root: str | Path, step: int, payload: dict | None, keep_last: int,
                     rank_state: dict | None = None, rank: int = 0, world: int = 1, write_collective=None) -> Path:
     """Collective under DDP: every rank calls it; rank 0 passes `payload`, each rank its `rank_state`.
@@ -63,12 +60,12 @@ def save_checkpoint(root: str | Path, step: int, payload: dict | None, keep_last
         shutil.rmtree(tmp, ignore_errors=True)
         _check_free_space(root, step)
         tmp.mkdir()
-    _barrier(world)
+    barrier(world)
     try:
         torch.save(rank_state or {}, tmp / f"rank{rank}.pt")
         if write_collective is not None:
             write_collective(tmp)
-        _barrier(world)
+        barrier(world)
         if rank == 0:
             torch.save(payload, tmp / "state.pt")
             (tmp / "DONE").write_text(str(step))
@@ -84,7 +81,7 @@ def save_checkpoint(root: str | Path, step: int, payload: dict | None, keep_last
     if rank == 0:
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(world)
+    barrier(world)
     return final
 
 

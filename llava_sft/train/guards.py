@@ -1,6 +1,6 @@
 """What stops a run safely: pre-emption signals and non-finite steps (used by train/trainer.py).
 
-* SIGTERM / SIGUSR1 set a flag (`PreemptionNotice`); at the next step boundary the ranks agree (`agree`), write the
+* SIGTERM / SIGUSR1 set a flag (`PreemptionNotice`); at the next step boundary the ranks agree (`collectives.agree`), write the
   checkpoint of the finished step together, and the CLI exits 75 (`Preempted`).
 * A step whose loss or gradient norm is not finite raises `NonFiniteStepError` on every rank (the values are
   global), naming the step and its samples; the CLI exits 3 and nothing is saved from that step.
@@ -11,8 +11,7 @@ import math
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from llava_sft.train.collectives import gather_objects
 
 
 class Preempted(RuntimeError):
@@ -47,16 +46,6 @@ class PreemptionNotice:
     @property
     def requested(self) -> bool:
         return bool(self.signal_name)
-
-
-def agree(flags: list[bool], device: torch.device, world: int) -> list[bool]:
-    """Each flag true on any rank -> true on every rank (one tiny all-reduce per step): a rank that got the signal
-    a moment later, or whose clock says a checkpoint is due, must not leave the others waiting in a collective."""
-    if world == 1:
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
 
 
 class BadSampleStop(RuntimeError):
@@ -107,9 +96,5 @@ def stop_if_non_finite(loss: float, grad_norm: float | None, micro: list[dict], 
     """Raise NonFiniteStepError on every rank (the values are global) naming the samples of all ranks."""
     if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
         return
-    ids = [i for b in micro for i in b.get("ids", [])]
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, ids)
-        ids = [i for part in gathered for i in part]
+    ids = [i for part in gather_objects([i for b in micro for i in b.get("ids", [])], world) for i in part]
     raise NonFiniteStepError(loss, grad_norm, ids, applied, lr)

@@ -5,21 +5,8 @@ import gc
 import itertools
 
 import torch
-import torch.distributed as dist
 
-
-def all_reduce_sum(value: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
-def max_over_ranks(value: float, device: torch.device, world: int) -> float:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+from llava_sft.train.collectives import max_over_ranks
 
 
 def peak_memory_gb(device: torch.device, world: int) -> float:
@@ -31,7 +18,7 @@ def peak_memory_gb(device: torch.device, world: int) -> float:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-    return round(max_over_ranks(peak, device, world), 3)
+    return round(max_over_ranks([peak], world)[0], 3)
 
 
 def live_tensor_gb(model, device: torch.device, world: int) -> float:
@@ -49,4 +36,4 @@ def live_tensor_gb(model, device: torch.device, world: int) -> float:
             if pointer not in seen:
                 seen.add(pointer)
                 total += storage.nbytes()
-    return round(max_over_ranks(total / 2**30, device, world), 4)
+    return round(max_over_ranks([total / 2**30], world)[0], 4)

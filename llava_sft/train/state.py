@@ -13,11 +13,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-
 from llava_sft.config import RunConfig, to_dict
 from llava_sft.data.catalog import file_sha256
 from llava_sft.train import checkpoint as ckpt
+from llava_sft.train.collectives import gather_objects
 from llava_sft.train.logger import plot_loss_curve
 
 log = logging.getLogger("llava_sft.train")
@@ -158,8 +157,7 @@ class RunState:
             return
         report = self.report
         this_rank = (report.skipped[self.startup_skips:], report.truncated, report.converted_images)
-        gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, this_rank)
+        gathered = gather_objects(this_rank, self.world)
         del report.skipped[self.startup_skips:]
         for skipped, _, _ in gathered:
             report.skipped.extend(skipped)

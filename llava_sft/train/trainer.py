@@ -7,7 +7,8 @@ Stage 2 (instruction tuning):  train.train_projector=true  train.train_llm=true 
 Per optimizer step: the micro-batches of this rank are loaded first, the supervised tokens of the
 whole global batch (all micro-batches, all ranks) are counted, and each micro-batch's summed
 token loss is divided by that count, so accumulating k micro-batches equals one k-times-larger
-batch exactly. Then: grad clipping, AdamW, warmup + cosine schedule.
+batch exactly (train.loss_normalization=global_tokens; `micro_batch_mean` weighs as HF Trainer < 4.46
+and so the LLaVA-1.5 run did: accumulate_gradients). Then: grad clipping, AdamW, warmup + cosine schedule.
 
 With `data.packing` (data/packing.py) the same samples form each step, but a rank's share is loaded
 at once and packed into rows of `data.pack_max_tokens` tokens, `train.micro_batch_size` rows per
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from llava_sft.config import RunConfig, check_paths, save_config, to_dict, validate
 from llava_sft.constants import IGNORE_INDEX
@@ -44,6 +44,7 @@ from llava_sft.train.build import (
     setup_logging,
     warn_about_repeats,
 )
+from llava_sft.train.collectives import agree, barrier, sum_over_ranks, sum_tensor_over_ranks
 from llava_sft.train.engines import Engine, make_engine
 from llava_sft.train.engines.ddp import DDPEngine
 from llava_sft.train.flops import FlopModel, peak_flops, sequence_lengths
@@ -52,12 +53,11 @@ from llava_sft.train.guards import (
     NonFiniteStepError,
     Preempted,
     PreemptionNotice,
-    agree,
     bad_sample_message,
     stop_if_non_finite,
 )
 from llava_sft.train.logger import MetricsLogger
-from llava_sft.train.measure import all_reduce_sum, live_tensor_gb, peak_memory_gb
+from llava_sft.train.measure import live_tensor_gb, peak_memory_gb
 from llava_sft.train.optim import check_master_weights, lr_lambda, param_groups
 from llava_sft.train.probe import Probe
 from llava_sft.train.rundir import RunDirLock
@@ -96,8 +96,7 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             (run_dir / "report.json").unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     setup_logging(run_dir if rank == 0 else None)
     log.info("training on %s (train.device=%s), world size %d, engine %s", device, train_cfg.device, world,
              engine.name)
@@ -173,7 +172,7 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
             if failure is None:
                 raise
         # every rank learns of a failed fetch before any collective of the step; all write the checkpoint together
-        if agree([failure is not None], device, world)[0]:
+        if agree([failure is not None], world)[0]:
             path = state.checkpoint_of_this_step(engine, model)
             stop(BadSampleStop(state.step, failure or "on another rank (see its log)", path))
         t_data = time.perf_counter() - t0
@@ -201,7 +200,7 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
         by_steps = bool(train_cfg.save_every) and state.step % train_cfg.save_every == 0
         by_time = bool(train_cfg.save_every_minutes) and \
             time.monotonic() - last_save >= 60 * train_cfg.save_every_minutes
-        preempted, by_time = agree([preemption.requested, by_time], device, world)  # every rank decides the same
+        preempted, by_time = agree([preemption.requested, by_time], world)  # every rank decides the same
         if state.step < total_steps and (by_steps or by_time or preempted):
             path = state.save_checkpoint(engine, model)
             last_save = time.monotonic()
@@ -212,42 +211,57 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
     if probe is not None:
         probe.on_end()
     state.save_final(engine, model, tokenizer, total_steps)
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     return run_dir
 
 
 def accumulate_gradients(engine: Engine, micro: list[dict], device, use_autocast: bool,
                          flop_model: FlopModel | None = None) -> dict:
-    """Forward/backward over one step's micro-batches, normalised by the global supervised-token count; with a
+    """Forward/backward over one step's micro-batches, weighted as train.loss_normalization says; with a
     `flop_model`, the step's model and hardware FLOPs summed over ranks (train/flops.py).
 
-    Afterwards the gradients hold d(mean token loss over the whole global batch)/dp, whatever the split into
-    micro-batches and ranks (in `p.grad`, DDP's buckets, ZeRO's partitions or FSDP2's shards).
+    Afterwards the gradients (in `p.grad`, DDP's buckets, ZeRO's partitions or FSDP2's shards) hold, for N the
+    supervised tokens of the global batch, L_ri the summed token loss of micro-batch i of rank r and n_ri its tokens:
+      global_tokens      d(sum L_ri / N)/dp: the mean token loss of the whole global batch, whatever the split
+                         into micro-batches and ranks;
+      micro_batch_mean   d(sum L_ri / n_ri / (world x k))/dp, k this rank's micro-batches per step (a micro-batch
+                         without supervised tokens adds 0; HF's cross-entropy would have given nan).
+    The loss returned is that same quantity, summed over ranks.
     """
+    planned = len(micro)  # this rank's accumulation steps (before align adds no-op batches)
     micro, world, tpi = engine.align(micro), engine.world, engine.model.tokens_per_image
     supervised = [int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro]
     counts = [token_counts(b, tpi) for b in micro]  # (real tokens, computed slots)
     flops = [flop_model.step(sequence_lengths(b, tpi), n, b["images"].shape[0], tpi)
              for b, n in zip(micro, supervised, strict=True)] if flop_model else []
-    stats = all_reduce_sum(torch.tensor([float(sum(supervised)), float(sum(len(b["ids"]) for b in micro)),
-                                         float(sum(c[0] for c in counts)), float(sum(c[1] for c in counts)),
-                                         sum(f[0] for f in flops), sum(f[1] for f in flops)],
-                                        dtype=torch.float64), world)
-    n_global = max(stats[0].item(), 1.0)
+    stats = sum_over_ranks([sum(supervised), sum(len(b["ids"]) for b in micro), sum(c[0] for c in counts),
+                            sum(c[1] for c in counts), sum(f[0] for f in flops), sum(f[1] for f in flops)], world)
+    n_global = max(stats[0], 1.0)
+    # the weight of each micro-batch's summed token loss; the engines average gradients over ranks (x world undoes it)
+    mean_of_means = loss_normalization(engine) == "micro_batch_mean"
+    if mean_of_means:  # HF Trainer < 4.46: the mean over ranks and accumulation steps of
+        weights = [1.0 / (max(planned, 1) * max(n, 1)) for n in supervised]  # each micro-batch's token mean
+    else:  # global_tokens: every supervised token of the global batch weighs the same
+        weights = [world / n_global] * len(micro)
     loss_total = torch.zeros((), device=device)
-    for i, batch in enumerate(micro):
+    for i, (batch, weight) in enumerate(zip(micro, weights, strict=True)):
         with engine.accumulating(last=i == len(micro) - 1):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                 loss_sum, _ = engine.module(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                             batch["images"].to(device), batch["labels"].to(device))
-            engine.backward(loss_sum * (world / n_global))  # the engines average over ranks: x world restores the sum
-        loss_total += loss_sum.detach()
-    loss = all_reduce_sum(loss_total, world).item() / n_global
-    tokens, slots = int(stats[2].item()), int(stats[3].item())
+            engine.backward(loss_sum * weight)
+        loss_total += loss_sum.detach() * weight if mean_of_means else loss_sum.detach()
+    # the quantity whose gradient was taken
+    loss = sum_tensor_over_ranks(loss_total, world).item() / (world if mean_of_means else n_global)
+    tokens, slots = int(stats[2]), int(stats[3])
     return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens,
-            "real_token_frac": round(tokens / slots, 4) if slots else 0.0, "samples": int(stats[1].item()),
-            "model_flops": stats[4].item(), "hardware_flops": stats[5].item()}
+            "real_token_frac": round(tokens / slots, 4) if slots else 0.0, "samples": int(stats[1]),
+            "model_flops": stats[4], "hardware_flops": stats[5]}
+
+
+def loss_normalization(engine: Engine) -> str:
+    """train.loss_normalization (engines made around a bare model in tests and benchmarks have no config)."""
+    return getattr(engine.train_cfg, "loss_normalization", "global_tokens")
 
 
 def train_step(engine: Engine, micro: list[dict], device, use_autocast: bool, report,

@@ -28,10 +28,10 @@ import socket
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from llava_sft.constants import IGNORE_INDEX
 from llava_sft.model.loss import decoder_layers  # noqa: F401 (re-exported: the engines shard and compile them)
+from llava_sft.train.collectives import max_over_ranks
 
 StepCheck = Callable[[float, bool], None]  # (gradient norm, whether the step was already applied)
 
@@ -104,10 +104,8 @@ class Engine:
         busiest; under DDP a rank with nothing left still joins the gradient all-reduce with one no-op batch."""
         if self.equal_forward_passes:
             micro = [b if "input_ids" in b else no_op_batch() for b in micro]
-            if self.world > 1:
-                most = torch.tensor([len(micro)])
-                dist.all_reduce(most, op=dist.ReduceOp.MAX)
-                micro += [no_op_batch() for _ in range(int(most) - len(micro))]
+            most = max_over_ranks([len(micro)], self.world)[0]
+            micro += [no_op_batch() for _ in range(int(most) - len(micro))]
             return micro
         micro = [b for b in micro if "input_ids" in b]
         return micro or ([no_op_batch()] if self.world > 1 else [])
