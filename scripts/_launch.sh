@@ -8,6 +8,8 @@
 # Before launching, `python -m llava_sft.envcheck` reports environment traps (CLIP weights not on disk offline,
 # flash_attention_2 without flash-attn/CUDA, a GPU recipe without a GPU) as one line each, naming the fix, and an
 # error stops here rather than minutes into the job. LLAVA_SKIP_ENVCHECK=1 launches anyway.
+# Exit status: the trainer's (0 done, 2 config, 3 non-finite, 4 bad sample, 75 pre-empted: run the same command
+# again to continue). Several processes go through llava_sft/launch.py (torchrun with pre-emption handled).
 launch() {
   local config=$1; shift
   if [[ "${LLAVA_SKIP_ENVCHECK:-0}" != 1 ]]; then
@@ -25,6 +27,8 @@ launch() {
     exec python -m llava_sft.train "$config" "$@"
   fi
   echo "[launch] torchrun: $NNODES node(s) x $GPUS_PER_NODE GPU(s), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT"
-  exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+  # torchrun inside llava_sft.launch: SIGUSR1 and the first SIGTERM reach the ranks (checkpoint, exit 75) instead of
+  # killing torchrun or leaving the ranks 30 s; the exit status is 75 when the job was pre-empted (scripts/slurm/)
+  exec python -m llava_sft.launch --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m llava_sft.train "$config" "$@"
 }

@@ -11,7 +11,6 @@ it serves) or "other: ..." (anything else, e.g. c10d's "No backend type associat
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace

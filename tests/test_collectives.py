@@ -62,7 +62,7 @@ def test_every_collective_asks_the_group_which_device_it_serves_as_nccl_requires
 def test_collectives_give_the_right_values_and_both_loss_weightings_their_formulas(llama_tokenizer_dir, data_dir,
                                                                                  tmp_path):
     ranks = run_ranks("gloo", llama_tokenizer_dir, data_dir, tmp_path, 29632)
-    for rank, results in enumerate(ranks):
+    for results in ranks:
         assert {p: list(o) for p, o in results.items()} == {p: ["ok"] for p in PATHS}, results
         r = {p: o["ok"] for p, o in results.items()}
         assert r["sum_over_ranks"] == [1 + 2, 0 + 10]

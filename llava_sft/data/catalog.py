@@ -52,6 +52,7 @@ from PIL import Image
 
 from llava_sft.constants import IMAGE_PLACEHOLDER
 from llava_sft.data.templates import BadSampleError, ChatTemplate
+from llava_sft.preemption import ignore_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def _check_range(bounds: tuple[int, int]) -> list[Checked]:
 
 def _init_worker() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked fast tokenizer must not start its own threads
+    ignore_in_worker()  # a SIGTERM to the process group is the rank's to answer (llava_sft/preemption.py)
 
 
 def check_all(indices: list[int], exact: bool) -> dict[int, Checked]:

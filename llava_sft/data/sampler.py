@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from llava_sft.preemption import ignore_in_worker
+
 LENGTH_MEGABATCH = 50  # global batches per length-sorted megabatch (HF LengthGroupedSampler's mega_batch_mult)
 
 
@@ -108,7 +110,7 @@ class BatchPlan:
         """This rank's micro-batches of each step of `epoch`, from step `start` on, loaded by `num_workers`."""
         micro = [mb for gb in self.global_batches(epoch)[start:] for mb in self.micro_batches(gb)]
         loader = iter(DataLoader(dataset, batch_sampler=micro, collate_fn=collate, num_workers=num_workers,
-                                 persistent_workers=False, pin_memory=torch.cuda.is_available()))
+                                 worker_init_fn=ignore_in_worker, persistent_workers=False, pin_memory=torch.cuda.is_available()))
         if self.strided_shares:  # packing: one loader item is a rank's share, already packed into micro-batches
             yield from loader
             return

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llava_sft.data.shards import ShardDataset
+from llava_sft.preemption import ignore_in_worker
 
 
 class StreamPlan:
@@ -47,7 +48,7 @@ class StreamPlan:
         """This rank's micro-batches of each step of `epoch`, from step `start` on (the plan holds its stream;
         `dataset` is there for the signature BatchPlan shares)."""
         self.dataset.set_epoch(epoch, skip=start * self.samples_per_step)
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers, worker_init_fn=ignore_in_worker,
                             pin_memory=torch.cuda.is_available())
         samples = iter(loader)
         for _ in range(start, self.steps_per_epoch):

@@ -21,7 +21,7 @@ from llava_sft.config import ConfigError, MissingPathError, load_config
 
 EXIT_NON_FINITE = 3  # a step's loss or gradient norm was not finite (the message names the step and its samples)
 EXIT_BAD_SAMPLE = 4  # data.bad_samples=error met a bad sample at run time (a checkpoint of the last step was written)
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: checkpoint written, run again to resume (sysexits' EX_TEMPFAIL: "try again")
+from llava_sft.preemption import EXIT_PREEMPTED  # noqa: E402,F401 (75: SIGTERM/SIGUSR1, checkpoint written, run again)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import math
 import signal
 import threading
 
+from llava_sft.preemption import SIGNALS
 from llava_sft.train.collectives import gather_objects
 
 
@@ -26,7 +27,7 @@ class PreemptionNotice:
     """Remembers SIGTERM (what SLURM and Kubernetes send before killing a job; torchrun forwards it to every rank
     and waits 30 s) and SIGUSR1 (SLURM's --signal=USR1@SECONDS notice) instead of dying mid-step."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = SIGNALS
 
     def __init__(self):
         self.signal_name, self._previous = "", {}
@@ -38,7 +39,9 @@ class PreemptionNotice:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # after a notice the process is on its way out (exit 75): a second notice, or torchrun stopping this rank
+            # because another one exited first, must not kill it while it shuts down
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)
 
     def _note(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name

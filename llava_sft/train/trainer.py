@@ -156,6 +156,8 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
     batches = None
 
     def stop(error: Exception) -> None:
+        if batches is not None:  # the loader's workers shut down now, by their parent (llava_sft/preemption.py)
+            batches.close()
         bar.close()
         metrics.close()
         raise error
