@@ -89,7 +89,13 @@ def test_the_tower_gets_its_own_parameter_groups(llama_tokenizer_dir, setup):
         expected = 1e-6 if ids <= tower else 1e-4 if ids <= projector else 2e-5
         assert not (ids & tower and ids - tower) and group["lr"] == expected
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
-    assert tower <= {id(p) for g in groups for p in g["params"]}
+    # the tower trains what its features depend on: select_layer -2 of the test ViT's 3 blocks reads block 2 of 3,
+    # so the last block, the final norm and CLIP's projection get no gradient and stay frozen (else DDP raises)
+    frozen = {n for n, p in model.vision_tower.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.vision_tower.named_parameters()
+                      if n.startswith(("visual.transformer.resblocks.2.", "visual.ln_post.")) or n == "visual.proj"}
+    trains = {id(p) for p in model.vision_tower.parameters() if p.requires_grad}
+    assert trains and trains <= {id(p) for g in groups for p in g["params"]}
     model.set_trainable(True, True)  # the default: frozen again, in no group
     assert not tower & {id(p) for g in param_groups(model, 0.1, 2e-5) for p in g["params"]}
 
@@ -105,3 +111,34 @@ def test_tower_settings_that_cannot_work_are_refused_when_the_config_loads(llama
     save_config(config(llama_tokenizer_dir, setup, "refused"), tmp_path / "cfg.yaml")
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path / "cfg.yaml", overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_text_only_micro_batch_under_two_rank_ddp_gives_the_training_tower_a_zero_gradient(setup, llama_tokenizer_dir,
+                                                                                           tmp_path):
+    """DDP (find_unused_parameters=False) needs a gradient for every trainable parameter at every step: a text-only
+    micro-batch's zero-weighted anchor must cover the tower when it trains, not only the projector (else DDP raised
+    "Expected to have finished reduction in the prior iteration" at the next forward)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    make_shapes(tmp_path / "data", seed=6, image_size=32, n_stage1=4, n_stage2=32, n_eval=2, text_only_frac=0.5)
+    cfg = config(llama_tokenizer_dir, setup, "unused", train_vision_tower=True, vision_tower_lr=1e-4,
+                 global_batch_size=4, micro_batch_size=2)
+    cfg.train.max_steps = 6
+    cfg.data.path, cfg.data.image_folder = str(tmp_path / "data" / "stage2.json"), str(tmp_path / "data" / "images")
+    cfg.data.group_by_modality = True  # whole micro-batches of text only
+    cfg.train.output_dir = str(tmp_path / "run")
+    save_config(cfg, tmp_path / "run.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29681", "-m", "llava_sft.train", str(tmp_path / "run.yaml")], capture_output=True,
+                            text=True, env=env, timeout=380)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    records = json.loads((tmp_path / "data" / "stage2.json").read_text())
+    assert any("image" not in r for r in records) and any("image" in r for r in records)

@@ -177,8 +177,8 @@ class LlavaModel(nn.Module):
           "modules" (ZeRO-3): one blank image through the tower and the projector before the LLM, as an image
               batch does -- ZeRO-3's module hooks issue collectives, so every rank must call the same modules in
               the same order whatever its micro-batch holds (else two ranks hang);
-          "params" (DDP, ZeRO-1/2): the projector's parameters times zero -- every trainable parameter must get a
-              gradient, and the tower's forward is not needed for that;
+          "params" (DDP, ZeRO-1/2): the projector's (and a training tower's) parameters times zero -- every
+              trainable parameter must get a gradient, and the tower's forward is not needed for that;
           "none" (one process): nothing (the projector simply gets no gradient from this micro-batch)."""
         if not features_unused(images) or not torch.is_grad_enabled() or self.text_only_anchor == "none":
             return None
@@ -188,7 +188,9 @@ class LlavaModel(nn.Module):
         return self.encode_images(torch.zeros(1, 3, size, size, device=device)).sum() * 0.0
 
     def _param_anchor(self):
-        trainable = [p for p in self.projector.parameters() if p.requires_grad]
+        # every trainable parameter a text-only forward does not reach: the projector, and the tower when
+        # train.train_vision_tower (leaving it out made DDP raise at the next forward: issue 38)
+        trainable = [p for m in (self.projector, self.vision_tower) for p in m.parameters() if p.requires_grad]
         return sum(p.sum() for p in trainable) * 0.0 if trainable else None
 
     @torch.no_grad()
@@ -209,6 +211,8 @@ class LlavaModel(nn.Module):
         either way: the CLIP ViTs have no dropout or batch norm, so training it changes only its weights);
         returns {module: (trainable, total)}."""
         self.vision_tower.requires_grad_(train_vision_tower)
+        if train_vision_tower:
+            self._freeze_tower_parameters_without_gradient()
         self.projector.requires_grad_(train_projector)
         if is_lora(self.llm):  # the base LLM stays frozen; "training the LLM" trains its adapters
             for name, param in self.llm.named_parameters():
@@ -220,6 +224,26 @@ class LlavaModel(nn.Module):
             params = list(module.parameters())
             report[name] = (sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params))
         return report
+
+    def _freeze_tower_parameters_without_gradient(self) -> None:
+        """A training tower trains what its features depend on: the blocks after the selected layer (LLaVA reads
+        the penultimate one), the final norm and CLIP's projection never get a gradient. They stay frozen, measured
+        by one backward pass of a blank image (any encoder): DDP (find_unused_parameters=False) raised at the second
+        step with them trainable (issue 38), and AdamW's weight decay would have moved them. In LLaVA-NeXT's runs
+        (DeepSpeed, weight decay 0) they got zero gradients and did not move either."""
+        tower = self.vision_tower
+        params = [(n, p) for n, p in tower.named_parameters() if p.requires_grad]
+        device = next((p.device for _, p in params), torch.device("cpu"))
+        with torch.enable_grad():
+            out = tower(torch.zeros(1, 3, tower.image_size, tower.image_size, device=device))
+            grads = torch.autograd.grad(out.float().sum(), [p for _, p in params], allow_unused=True)
+        unused = [(n, p) for (n, p), g in zip(params, grads, strict=True) if g is None]
+        for _, p in unused:
+            p.requires_grad_(False)
+        if unused:
+            log.info("vision tower: %d of %d parameter tensors do not reach the selected features and stay frozen "
+                     "(%s)", len(unused), len(params), ", ".join(n for n, _ in unused[:6]) +
+                     (", ..." if len(unused) > 6 else ""))
 
     # ------------------------------------------------------------- save / load
     def save_projector(self, out_dir: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> None:
