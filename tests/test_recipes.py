@@ -86,3 +86,14 @@ def test_deepspeed_engines_of_the_recipes():
         assert '"optimizer"' not in raw and '"scheduler"' not in raw
         if name.startswith("zero3"):
             assert '"stage3_gather_16bit_weights_on_model_save": true' in raw
+
+
+def test_paper_recipes_weigh_tokens_as_the_reference_runs_did_and_the_demo_keeps_its_own():
+    """LLaVA / LLaVA-1.5 trained with HF Trainer < 4.46: each micro-batch's token mean, averaged over accumulation
+    steps and ranks. Each paper recipe says so itself (not by inheriting a default); the demo's pinned numbers were
+    measured with global_tokens (and packing, which needs it)."""
+    for path in sorted((CONFIGS / "llava_v1_5").glob("*.yaml")) + sorted((CONFIGS / "llava_v1").glob("*.yaml")):
+        assert "loss_normalization: micro_batch_mean" in path.read_text(), path
+        assert load_config(path).train.loss_normalization == "micro_batch_mean"
+    for path in sorted((CONFIGS / "demo").glob("*.yaml")):
+        assert load_config(path).train.loss_normalization == "global_tokens", path

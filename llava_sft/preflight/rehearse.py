@@ -175,8 +175,22 @@ def loss_checks(cfg, rows: list[dict], steps: int) -> list[Check]:
 
 
 # ---------------------------------------------------------------------------------------------------- the run
+def notice_check(sized: dict, gpu: str, notice_seconds: float) -> Check:
+    """Can a pre-emption checkpoint be written within the notice the cluster gives (docs/training.md, "Pre-emption
+    on a cluster")? The step in progress finishes first, then every rank writes."""
+    step = sized.get("seconds_per_step", {}).get(gpu, 0.0)
+    need = sized["checkpoint_seconds"] + step
+    fits = need <= notice_seconds
+    return Check(f"pre-emption checkpoint within {notice_seconds:g} s of notice", "PASS" if fits else "WARN",
+                 f"{sized['checkpoint_gb']} GB in ~{sized['checkpoint_seconds']:g} s + a step ({step:g} s on {gpu})"
+                 + ("" if fits else ": SIGTERM alone (torchrun, KillWait, Kubernetes' default grace: 30 s) would "
+                    "lose it; give notice earlier (SLURM --signal=USR1@SECONDS, scripts/slurm/) or a longer grace, "
+                    "and pass it as --notice-seconds"), f"<= {notice_seconds:g} s")
+
+
 def rehearse(config: str, overrides: list[str], nproc: int | None, steps: int, gpu: str, num_gpus: int, mfu: float,
-             workdir: Path, timeout: int = 900) -> dict:
+             workdir: Path, timeout: int = 900, notice_seconds: float = 30.0,
+             write_gbps: float = sizing.WRITE_GB_PER_S_PER_NODE) -> dict:
     from llava_sft.envcheck import find_traps
 
     t0 = time.time()
@@ -232,7 +246,8 @@ def rehearse(config: str, overrides: list[str], nproc: int | None, steps: int, g
         checks.append(_resume_check(config, overrides, over, nproc, stage_script, workdir, rows, steps, timeout))
         if not cfg.train.train_llm:
             checks.append(_projector_accepted(run_dir))
-    sized = sizing.size(cfg, real_llm, vision_arch, zero_stage, active, num_gpus, mfu, None)
+    sized = sizing.size(cfg, real_llm, vision_arch, zero_stage, active, num_gpus, mfu, None, write_gbps)
+    checks.append(notice_check(sized, gpu, notice_seconds))
     g = sized["gpus"][gpu]
     fix = f"; lower train.micro_batch_size to {g['largest_micro_batch_that_fits']}" if not g["fits"] else ""
     checks.append(Check(f"projected peak memory per GPU on {gpu} ({sized['engine']}, {num_gpus} GPUs)",
@@ -314,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where the twins and runs go (default checkpoints/preflight/"
                     "<run_name>)")
     ap.add_argument("--json", default=None, help="write the table as JSON here")
+    ap.add_argument("--notice-seconds", type=float, default=30.0, help="seconds between the pre-emption notice and "
+                    "SIGKILL on your cluster (default 30: SIGTERM alone; SLURM --signal=USR1@N gives N)")
+    ap.add_argument("--write-gbps", type=float, default=sizing.WRITE_GB_PER_S_PER_NODE,
+                    help="checkpoint write speed per node, GB/s (default: 1, a shared file system)")
     args = ap.parse_intermixed_args(argv)  # overrides may come after the options, as the launchers pass them
     if args.steps < 3:
         ap.error("--steps must be at least 3 (a warmup step, a step with the LR on, and one to resume)")
@@ -321,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         name = load_config(args.config, args.overrides).run_name
         workdir = Path(args.workdir or REPO / "checkpoints" / "preflight" / name).resolve()
         result = rehearse(args.config, args.overrides, args.nproc, args.steps, args.gpu, args.num_gpus, args.mfu,
-                          workdir)
+                          workdir, notice_seconds=args.notice_seconds, write_gbps=args.write_gbps)
     except (ConfigError, twin.PreflightError, FileNotFoundError, ValueError) as e:
         print(f"[preflight] error: {e}", file=sys.stderr)
         return 2

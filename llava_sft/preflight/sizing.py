@@ -41,8 +41,31 @@ def projector_params(kind: str, vision_width: int, llm_hidden: int) -> int:
     return vision_width * llm_hidden + llm_hidden + (depth - 1) * (llm_hidden * llm_hidden + llm_hidden)
 
 
+GPUS_PER_NODE = 8  # for the number of nodes that write a sharded checkpoint at once
+WRITE_GB_PER_S_PER_NODE = 1.0  # a shared file system's sustained write per node, assumed (--write-gbps)
+
+
+def checkpoint_size(method: str, engine: str, llm: dict, projector: int, lora_r: int, bf16: bool,
+                    tower: int = 0) -> float:
+    """Bytes of one periodic checkpoint (all ranks): each trainable parameter's weight, AdamW's two fp32 moments
+    and, under bf16 or ZeRO, its fp32 master (train/memory.py's optimizer bytes); frozen weights are not saved.
+    7B full Stage 2 under ZeRO-3 in bf16: 6.76e9 x (2 + 12) = 95 GB."""
+    trainable = {"full": memory.llm_params(llm), "projector": 0}.get(method, memory.lora_params(llm, lora_r))
+    trainable += projector + tower
+    w = 2 if bf16 else 4
+    o = 8 + (4 if bf16 or engine != "ddp" else 0)
+    return float(trainable * (w + o))
+
+
+def checkpoint_seconds(nbytes: float, engine: str, num_gpus: int, gb_per_s: float) -> float:
+    """Time to write it: DDP's rank 0 writes everything; ZeRO and FSDP2 write each rank's shard at once, so every
+    node writes its share in parallel."""
+    writers = 1 if engine == "ddp" else math.ceil(num_gpus / GPUS_PER_NODE)
+    return nbytes / 1e9 / (gb_per_s * writers)
+
+
 def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpointing_active: bool,
-         num_gpus: int, mfu: float, samples: int | None) -> dict:
+         num_gpus: int, mfu: float, samples: int | None, write_gbps: float = WRITE_GB_PER_S_PER_NODE) -> dict:
     llm = memory.llm_shape(real_llm)
     v = vision_arch["vision_cfg"]
     grid = v["image_size"] // v["patch_size"]
@@ -63,9 +86,13 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
     def peak(micro: int) -> float:
         return states + memory.predicted_activations_gb(llm, micro, seq, checkpointing_active, bf16, supervised)
 
+    def usable(m: int) -> bool:  # the global batch must split into whole accumulation steps on every GPU
+        return cfg.data.packing or cfg.train.global_batch_size % (num_gpus * m) == 0
+
     gpus = {}
     for name, gpu in memory.GPUS.items():
-        largest = next((m for m in range(cfg.train.micro_batch_size, 0, -1) if memory.fits(peak(m), gpu)), 0)
+        largest = next((m for m in range(cfg.train.micro_batch_size, 0, -1)
+                        if usable(m) and memory.fits(peak(m), gpu)), 0)
         gpus[name] = {"peak_gib": round(peak(cfg.train.micro_batch_size), 1), "fits": memory.fits(peak(
             cfg.train.micro_batch_size), gpu), "largest_micro_batch_that_fits": largest}
     mean_tokens = image_tokens + 40 if stage1 else 0.94 * image_tokens + 150
@@ -76,6 +103,11 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
            "activations_gib": round(peak(cfg.train.micro_batch_size) - states, 2),
            "checkpointing_in_projection": checkpointing_active, "gpus": gpus, "mfu": mfu, "samples": samples,
            "mean_tokens_per_sample": round(mean_tokens)}
+    tower = vision_params if cfg.train.train_vision_tower else 0
+    ckpt_bytes = checkpoint_size(method, engine, llm, proj, lora_r, bf16, tower)
+    out["checkpoint_gb"] = round(ckpt_bytes / 1e9, 2)
+    out["checkpoint_write_gbps_per_node"] = write_gbps
+    out["checkpoint_seconds"] = round(checkpoint_seconds(ckpt_bytes, engine, num_gpus, write_gbps), 1)
     if samples:
         tokens = samples * cfg.train.epochs * mean_tokens
         # weight gradients only for full fine-tuning: LoRA's adapters and Stage 1's projector are ~0.3 % of the LLM
@@ -100,6 +132,9 @@ def sizing_table(s: dict, chosen: str) -> str:
         mark = " <- --gpu" if name == chosen else ""
         lines.append(f"  {name:<11} {g['peak_gib']:>9} {'yes' if g['fits'] else 'NO':>12} "
                      f"{g['largest_micro_batch_that_fits']:>14} {step:>7} {hours:>7}{mark}")
+    lines.append(f"  checkpoint: {s['checkpoint_gb']} GB (trainable weights, AdamW moments, fp32 masters), about "
+                 f"{s['checkpoint_seconds']} s to write at {s['checkpoint_write_gbps_per_node']:g} GB/s per node "
+                 f"(--write-gbps), plus the step in progress")
     if "hours" in s:
         lines.append(f"  hours: {s['samples']:,} samples x {s['mean_tokens_per_sample']} tokens (assumed mean), "
                      f"{s['steps']} steps, at MFU {s['mfu']:.2f}")
