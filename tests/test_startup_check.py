@@ -195,6 +195,105 @@ def test_an_unwritable_cache_directory_falls_back_to_checking_in_process(data, l
     assert len(ds) == 3 and "not usable" in caplog.text
 
 
+_CHECK_RANGE = catalog._check_range
+
+
+def _dies_on_the_second_range(bounds):  # module level: the pool pickles it by name
+    if bounds[0] > 0:
+        os.kill(os.getpid(), 9)  # SIGKILL, as the OOM killer sends
+    return _CHECK_RANGE(bounds)
+
+
+@pytest.mark.timeout(120)
+def test_a_check_worker_killed_mid_check_is_an_error_naming_the_cause_not_a_hang(llama_tokenizer, tmp_path,
+                                                                                monkeypatch):
+    """The OOM killer takes a worker of the forked check: multiprocessing's Pool.map then never returned, with the
+    node's cache lock held and every rank waiting."""
+    records = [{"id": f"s{i}", "conversations": conv("What is it?", "It is red.", image=False)} for i in range(600)]
+    monkeypatch.setattr(catalog, "PARALLEL_FROM", 10)
+    monkeypatch.setattr(catalog, "_check_range", _dies_on_the_second_range)
+    monkeypatch.setenv("LLAVA_SFT_CHECK_WORKERS", "2")
+    with pytest.raises(catalog.StartupCheckError, match="worker process of the start-up check died.*OOM"):
+        catalog.build(records, tmp_path, settings(llama_tokenizer, 300))
+
+
+def test_a_cache_that_cannot_be_saved_fails_the_waiting_process_at_once_instead_of_a_rebuild(
+        data, llama_tokenizer, tmp_path, monkeypatch):
+    """A full disk (or quota) under the cache: the builder goes on with what it built; the process that waited must
+    not rebuild it under the lock in turn (each rank, one after the other, while the others sit in a collective)."""
+    path, folder = data
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    builds, real_build, real_save = [], catalog.build, catalog.Catalog.save
+
+    def counted(*args, **kwargs):
+        builds.append(threading.current_thread().name)
+        time.sleep(0.5)  # long enough for the other start to reach the lock
+        return real_build(*args, **kwargs)
+
+    def no_space(self, directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(catalog, "build", counted)
+    monkeypatch.setattr(catalog.Catalog, "save", no_space)
+    results = {}
+
+    def start(name):
+        try:
+            results[name] = len(dataset(path, folder, llama_tokenizer, cache))
+        except catalog.StartupCheckError as e:
+            results[name] = str(e)
+
+    threads = [threading.Thread(target=start, args=(f"rank{r}",), name=f"rank{r}") for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1, builds
+    [builder] = builds
+    [waiter] = {"rank0", "rank1"} - {builder}
+    assert results[builder] == 3
+    assert "could not be stored" in results[waiter] and "No space left on device" in results[waiter]
+    assert not list(cache.glob("*.tmp-*"))  # the partial save removed
+    time.sleep(1.1)  # a later start (the disk freed) builds and stores it again; the marker goes
+    monkeypatch.setattr(catalog.Catalog, "save", real_save)
+    assert len(dataset(path, folder, llama_tokenizer, cache)) == 3 and len(builds) == 2
+    assert not list(cache.glob("*.failed")) and len([d for d in cache.iterdir() if d.is_dir()]) == 1
+
+
+def test_a_lock_held_too_long_is_an_error_naming_its_holder(data, llama_tokenizer, tmp_path, monkeypatch):
+    import fcntl
+
+    path, folder = data
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("LLAVA_SFT_LOCK_WAIT", "1")
+    with open(cache / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("node17 pid 4242, checking /data/mix665k.json since 03:12:00\n")
+        held.flush()
+        t0 = time.time()
+        with pytest.raises(catalog.StartupCheckError, match="held by node17 pid 4242.*delete .*\\.lock"):
+            dataset(path, folder, llama_tokenizer, cache)
+        assert time.time() - t0 < 10
+
+
+def test_leftovers_of_crashed_builds_are_removed(data, llama_tokenizer, tmp_path):
+    import socket
+
+    path, folder = data
+    cache = tmp_path / "cache"
+    dead = cache / f"0123abcd.tmp-{socket.gethostname()}-4194999"  # above Linux's largest pid: gone
+    old = cache / "4567abcd.tmp-othernode-77"
+    recent = cache / "89abcdef.tmp-othernode-78"  # another host's build may still be running
+    for d in (dead, old, recent):
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text("{}")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    assert len(dataset(path, folder, llama_tokenizer, cache)) == 3
+    assert not dead.exists() and not old.exists() and recent.exists()
+
+
 def test_records_are_one_shared_buffer_not_python_objects(data, llama_tokenizer, tmp_path):
     """What forked DataLoader workers share without copying (issue 16): the records live in a memory-mapped byte
     buffer with numpy offsets, decoded per access."""

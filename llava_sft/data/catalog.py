@@ -185,21 +185,40 @@ def _init_worker() -> None:
     ignore_in_worker()  # a SIGTERM to the process group is the rank's to answer (llava_sft/preemption.py)
 
 
+class StartupCheckError(RuntimeError):
+    """The start-up check could not run or be shared: one line naming the cause and the fix."""
+
+
+def check_workers() -> int:
+    """Processes for the text checks: one per core, up to 32, or LLAVA_SFT_CHECK_WORKERS (fewer when memory is
+    short: each is a fork of the rank)."""
+    return int(os.environ.get("LLAVA_SFT_CHECK_WORKERS") or min(32, os.cpu_count() or 1))
+
+
 def check_all(indices: list[int], exact: bool) -> dict[int, Checked]:
-    """check_record over `indices`, in forked processes (one per core, up to 32) when there are many: the slow
-    SentencePiece tokenizer of the recipes costs ~4 ms per sample it has to count."""
-    workers = min(32, os.cpu_count() or 1)
+    """check_record over `indices`, in forked processes when there are many: the slow SentencePiece tokenizer of
+    the recipes costs ~4 ms per sample it has to count.
+
+    A ProcessPoolExecutor, not a multiprocessing Pool: when a worker dies (the OOM killer), Pool.map never returns,
+    and the rank held the node's cache lock while every other rank waited (issue 38); the executor marks its
+    futures broken, which is an error here. Its shutdown joins workers that exit on their own (Pool.terminate()
+    once hung for 37 minutes: a worker blocked on the task queue's lock; py-spy, 2026-11-30)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    workers = check_workers()
     if len(indices) < PARALLEL_FROM or workers < 2 or "fork" not in mp.get_all_start_methods():
         return {i: check_record(i, exact) for i in indices}
     step = max(256, len(indices) // (workers * 8))
     ranges = [(indices[k], indices[min(k + step, len(indices)) - 1] + 1) for k in range(0, len(indices), step)]
-    with mp.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-        results = pool.map(_check_range, ranges, chunksize=1)
-        # close + join: the workers exit on their own. Leaving the block at once calls terminate(), which hung for
-        # 37 minutes in one of two concurrent demo runs (a worker blocked on the task queue's lock, the parent
-        # joining it in Pool._terminate_pool; py-spy, 2026-11-30), and every later run waited on the check's lock
-        pool.close()
-        pool.join()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker) as pool:
+            results = list(pool.map(_check_range, ranges))
+    except BrokenProcessPool as e:
+        raise StartupCheckError(
+            f"a worker process of the start-up check died ({e}): most often the kernel's OOM killer (see dmesg); "
+            f"each of the {workers} workers is a fork of this rank: set LLAVA_SFT_CHECK_WORKERS to fewer, or give "
+            f"the job more memory") from None
     wanted = set(indices)
     return {i: r for (a, b), chunk in zip(ranges, results, strict=True) for i, r in zip(range(a, b), chunk, strict=True)
             if i in wanted}
@@ -353,17 +372,23 @@ def prepare(json_path, image_folder, s: StartupSettings, cache_dir: str | None =
     target = root / key
     with lock_file:
         if not (target / "DONE").is_file():
+            waited_since = time.time()
             try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process to finish the start-up check of %s (%s)", json_path, root)
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                _lock(lock_file, root, json_path)
             except OSError as e:  # a file system without locks (some NFS mounts): no sharing, no race either
                 log.warning("start-up cache %s cannot be locked (%s): every process checks the data itself; set "
                             "data.cache_dir to a local directory to check once per node", root, e)
                 return _fresh(json_path, image_folder, s, read)
             try:
                 if not (target / "DONE").is_file():
+                    failed = _failure_since(root, key, waited_since)
+                    if failed:  # never a serial rebuild by every waiting rank: the cause, at once
+                        raise StartupCheckError(
+                            f"the start-up check of {json_path} was built by another process but could not be stored "
+                            f"in {root} ({failed}): free space there or set data.cache_dir to a writable directory "
+                            f"(or data.startup_cache=false: every process checks the data itself)")
+                    _remove_leftovers(root)
+                    _holder(lock_file, json_path)
                     catalog = _fresh(json_path, image_folder, s, read)
                     _store(catalog, root, key, json_path)
                     return catalog
@@ -388,15 +413,105 @@ def _fresh(json_path: Path, image_folder: Path, s: StartupSettings, read) -> Cat
     return catalog
 
 
+LOCK_WAIT_S = 3600.0  # the longest wait for another process's check (LLAVA_SFT_LOCK_WAIT); mix665K: minutes
+
+
+def _lock(lock_file, root: Path, json_path: Path) -> None:
+    """The node's lock on the cache, waited for at most LLAVA_SFT_LOCK_WAIT seconds, saying who holds it."""
+    bound = float(os.environ.get("LLAVA_SFT_LOCK_WAIT") or LOCK_WAIT_S)
+    t0, last_said = time.time(), None
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        waited = time.time() - t0
+        if last_said is None or time.time() - last_said >= 60:
+            log.info("waiting for %s to finish the start-up check of %s (%s; %.0f s so far)", _read_holder(root),
+                     json_path, root, waited)
+            last_said = time.time()
+        if waited > bound:
+            raise StartupCheckError(
+                f"waited {waited:.0f} s for the start-up check's lock {root / '.lock'}, held by {_read_holder(root)}: "
+                f"if that process is gone (a crash on another host, a stale NFS lock) delete {root / '.lock'}; or "
+                f"wait longer (LLAVA_SFT_LOCK_WAIT seconds), or set data.startup_cache=false")
+        time.sleep(min(1.0, max(bound - waited, 0.01)))
+
+
+def _holder(lock_file, json_path: Path) -> None:
+    """Write who holds the lock into the lock file (waiting processes name it)."""
+    try:
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"{socket.gethostname()} pid {os.getpid()}, checking {json_path} since "
+                        f"{time.strftime('%H:%M:%S')}\n")
+        lock_file.flush()
+    except OSError:  # a full disk: the lock works without the note
+        pass
+
+
+def _read_holder(root: Path) -> str:
+    try:
+        return (root / ".lock").read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _failure_since(root: Path, key: str, since: float) -> str | None:
+    """The reason a build that ended while this process waited could not be stored (its marker), else None."""
+    marker = root / f"{key}.failed"
+    try:
+        st = marker.stat()
+    except OSError:
+        return None
+    if max(st.st_mtime, st.st_ctime) < since - 1:  # ctime: a renamed directory keeps its mtime
+        return None
+    try:
+        return (marker / "REASON").read_text().strip() if marker.is_dir() else marker.read_text().strip()
+    except OSError:
+        return "no space even to say why: the disk is probably full"
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temporary directories of builds that crashed (SIGKILL, OOM, a node failure) and old failure markers: those of
+    this host whose process is gone, and any older than a day (another host's)."""
+    host = socket.gethostname()
+    for path in root.glob("*.tmp-*"):
+        owner_host, _, pid = path.name.split(".tmp-", 1)[1].rpartition("-")
+        try:
+            stale = time.time() - path.stat().st_mtime > 86400
+            if owner_host == host and pid.isdigit():
+                stale = stale or not Path(f"/proc/{pid}").exists()
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+    for marker in root.glob("*.failed"):
+        shutil.rmtree(marker, ignore_errors=True) if marker.is_dir() else marker.unlink(missing_ok=True)
+
+
 def _store(catalog: Catalog, root: Path, key: str, json_path: Path) -> None:
+    """Save the catalog under its key (atomically). If that fails, leave a marker saying why, so that the processes
+    waiting for it fail at once instead of each rebuilding it in turn under the lock (issue 38)."""
     tmp = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         catalog.save(tmp)
         (tmp / "SOURCE").write_text(f"{json_path.resolve()}\n")
         (tmp / "DONE").write_text("")
         os.replace(tmp, root / key)
-    except OSError as e:  # full disk, another node won the rename, ...: the run goes on with the built catalog
-        log.warning("could not store the start-up check in %s (%s); it is rebuilt next time", root / key, e)
+    except OSError as e:  # full disk, quota, ...: this process goes on with the catalog it built
+        reason = f"{type(e).__name__}: {e}"
+        log.warning("could not store the start-up check in %s (%s); it is rebuilt next time", root / key, reason)
+        marker = root / f"{key}.failed"
+        try:
+            marker.write_text(reason + "\n")
+        except OSError:  # no space for a file: the partial directory, renamed (no new space needed), is the marker
+            try:
+                os.replace(tmp, marker)
+                (marker / "REASON").write_text(reason + "\n")
+            except OSError:
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from llava_sft.data.catalog import StartupCheckError
     from llava_sft.data.templates import BadSampleError
     from llava_sft.train.guards import BadSampleStop, NonFiniteStepError, Preempted
     from llava_sft.train.rundir import RunDirLocked
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] error: {e}", file=sys.stderr)
         code = EXIT_NON_FINITE
+    except StartupCheckError as e:  # every rank that met it says it (it may be a node's own)
+        print(f"[train] error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
+        code = 2
     except (RunDirLocked, MissingPathError, BadSampleError) as e:  # found before training; rank 0 says it once
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] error: {e}", file=sys.stderr)
