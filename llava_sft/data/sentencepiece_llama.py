@@ -77,6 +77,7 @@ class SlowLlamaEncoder:
             return _BY_TOKENIZER[tokenizer]
         except KeyError:
             pass
+        unsupported(tokenizer)
         added = tuple(sorted((t.content, i, bool(getattr(t, "lstrip", False)), bool(getattr(t, "rstrip", False)))
                              for i, t in tokenizer.added_tokens_decoder.items()))
         legacy, prefix = getattr(tokenizer, "legacy", None), getattr(tokenizer, "add_prefix_space", None)
@@ -132,6 +133,38 @@ class SlowLlamaEncoder:
         ids = [self.added[t][0] if t in self.added else self.sp.piece_to_id(t) for t in tokens]
         return ([self.bos_id] if self.bos_id is not None else []) + ids + ([self.eos_id] if self.eos_id is not None
                                                                            else [])
+
+
+class UnreproducibleTokenizer(ValueError):
+    """A setting of a SentencePiece Llama tokenizer that SlowLlamaEncoder does not reproduce."""
+
+
+def check_reproducible(tokenizer) -> None:
+    """On transformers 5.x a SentencePiece Llama tokenizer is encoded by SlowLlamaEncoder, which does not reproduce
+    added tokens with `single_word=True` (4.x's trie matches them only as whole words) nor `split_special_tokens=True`
+    (special tokens encoded as text): refused, naming them, rather than giving other ids than 4.x. No Vicuna or
+    Llama-2 tokenizer sets either. On 4.x (the slow class encodes) nothing is checked."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5 or not is_sentencepiece_llama(tokenizer):
+        return
+    unsupported(tokenizer)
+
+
+def unsupported(tokenizer) -> None:
+    """Raise UnreproducibleTokenizer naming every setting SlowLlamaEncoder does not reproduce (any stack)."""
+    problems = []
+    single = sorted(t.content for t in tokenizer.added_tokens_decoder.values() if getattr(t, "single_word", False))
+    if single:
+        problems.append(f"added tokens with single_word=True ({', '.join(single[:5])})")
+    if getattr(tokenizer, "split_special_tokens", False):
+        problems.append("split_special_tokens=True")
+    if problems:
+        raise UnreproducibleTokenizer(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')}: {' and '.join(problems)}: transformers 5.x has no "
+            f"slow Llama tokenizer and our exact re-implementation of its ids (data/sentencepiece_llama.py) does not "
+            f"reproduce this setting. Train on the reproduction stack (constraints/repro.txt, transformers 4.x), or "
+            f"remove the setting from tokenizer_config.json / tokenizer.json")
 
 
 @lru_cache(maxsize=8)

@@ -88,9 +88,26 @@ def save_llm(llm: nn.Module, out_dir: str | Path, **kwargs) -> None:
 
 
 def load_tokenizer(path: str, use_fast: bool = False):
+    """The tokenizer of a model directory. `use_fast=False` (the recipes': LLaVA's reference ids come from the slow
+    class) falls back to the fast class, with a warning naming it, when the directory has only `tokenizer.json`
+    (no vocabulary files for the slow class: many current releases), where transformers raised a TypeError about
+    a None path."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, use_fast=use_fast)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, use_fast=use_fast)
+    except (TypeError, OSError, ValueError) as e:
+        if use_fast or not (Path(path) / "tokenizer.json").is_file():
+            raise
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+        log.warning("%s: the slow tokenizer class could not load (%s: %s): the directory has tokenizer.json only; "
+                    "using the fast class %s (model.tokenizer_use_fast=true says so and silences this)", path,
+                    type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "", type(tok).__name__)
+    else:
+        log.info("tokenizer %s: %s", path, type(tok).__name__)
+    from llava_sft.data.sentencepiece_llama import check_reproducible
+
+    check_reproducible(tok)
     if tok.pad_token is None:  # LLaVA pads Llama/Vicuna with <unk>; others with EOS
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     tok.model_max_length = int(1e9)  # we enforce our own max length after image expansion

@@ -1,0 +1,46 @@
+"""Loading the tokenizers of real model directories: a `tokenizer.json`-only directory under the recipes'
+`use_fast=False`, and the settings our transformers-5.x Llama encoder does not reproduce (refused, named)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from llava_sft.data.sentencepiece_llama import SlowLlamaEncoder, UnreproducibleTokenizer
+from llava_sft.model.llava import load_tokenizer
+
+pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
+
+
+def test_a_tokenizer_json_only_directory_loads_its_fast_class_and_says_so(tmp_path, caplog):
+    """Many current releases ship tokenizer.json alone, naming a class with a slow twin (GPT2Tokenizer): with
+    use_fast=False transformers 4.57 raised "TypeError: expected str, bytes or os.PathLike object, not NoneType"."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["hello world, this is a test of the tokenizer"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("tokenizer")) == [
+        "tokenizer.json", "tokenizer_config.json"]
+    with caplog.at_level(logging.INFO, logger="llava_sft"):
+        tok = load_tokenizer(str(tmp_path), use_fast=False)
+    assert tok.is_fast
+    assert tok("hello world", add_special_tokens=False)["input_ids"] == backend.encode("hello world").ids
+    assert type(tok).__name__ in caplog.text  # the class it used is named
+
+
+def test_settings_the_5x_llama_encoder_does_not_reproduce_are_refused_by_name(llama_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir, use_fast=False)
+    SlowLlamaEncoder.of(tok)  # the plain Vicuna-style tokenizer is reproduced
+    tok.add_tokens([AddedToken("<region>", single_word=True)])
+    with pytest.raises(UnreproducibleTokenizer, match=r"single_word=True \(<region>\).*constraints/repro.txt"):
+        SlowLlamaEncoder.of(tok)
+    split = AutoTokenizer.from_pretrained(llama_tokenizer_dir, use_fast=False, split_special_tokens=True)
+    with pytest.raises(UnreproducibleTokenizer, match="split_special_tokens=True"):
+        SlowLlamaEncoder.of(split)
