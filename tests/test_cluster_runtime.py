@@ -212,6 +212,9 @@ def test_two_nodes_train_like_one_node_of_two_ranks_through_a_kill_and_a_preempt
     for code, log in results:
         assert code == 0, log[-4000:]
     assert "[launch] torchrun: 2 node(s) x 1 GPU(s), node rank 1" in results[1][1]
+    # per-node work logged by each node's first rank (its start-up check); global work by global rank 0 only
+    assert "start-up check from the cache" in results[1][1] and "start-up check from the cache" in results[0][1]
+    assert "saved model" in results[0][1] and "saved model" not in results[1][1]
     assert f"resumed from {preempted_at}" in results[0][1]
     assert [r["loss"] for r in rows(out)] == reference  # 2 nodes x 1 rank == 1 node x 2 ranks, through both stops
     for cache in caches:  # the start-up check ran on each node, into that node's cache

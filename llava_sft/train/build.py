@@ -152,9 +152,12 @@ def warn_about_repeats(repeated: int, samples: int, global_batch: int) -> None:
                     else "")
 
 
-def setup_logging(run_dir: Path | None) -> None:
+def setup_logging(run_dir: Path | None, verbose: bool | None = None) -> None:
+    """Global rank 0 writes RUN_DIR/train.log; the first rank of every node (LOCAL_RANK 0, `verbose`) logs its
+    progress to its node's stderr (its start-up check, its loader); the other ranks only warnings."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if run_dir is not None:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO if run_dir is not None else logging.WARNING,
+    verbose = run_dir is not None if verbose is None else verbose or run_dir is not None
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)

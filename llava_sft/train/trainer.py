@@ -97,7 +97,7 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
             (run_dir / "report.json").unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     barrier(world)
-    setup_logging(run_dir if rank == 0 else None)
+    setup_logging(run_dir if rank == 0 else None, verbose=int(os.environ.get("LOCAL_RANK", "0")) == 0)
     log.info("training on %s (train.device=%s), world size %d, engine %s", device, train_cfg.device, world,
              engine.name)
     seed_everything(train_cfg.seed)
