@@ -5,6 +5,9 @@ What maps to what:
     select_layer       -> `vision_feature_layer` (both index HF hidden states: -2 = output of the penultimate block)
     select_feature     -> `vision_feature_select_strategy`: "patch" -> "default" (CLS dropped), "cls_patch" -> "full"
     mlp2x_gelu         -> `model.multi_modal_projector` (linear_1, exact GELU, linear_2)
+    linear             -> the same module with `projector_hidden_act="linear"` (the identity in transformers'
+                          ACT2FN, 4.x and 5.x): linear_1 = our Linear, linear_2 = the identity matrix, zero bias
+                          (x @ I adds only exact zeros: the features are ours to the bit)
     LLM                -> `model.language_model` + `lm_head`
     tokenizer          -> + an `<image>` special token (the processor's placeholder) and our chat template as Jinja
     preprocessing      -> `LlavaImageProcessor`: `square` = resize shortest side + centre crop; `pad` = `do_pad`
@@ -16,7 +19,7 @@ The `<image>` token is new to the LLM's vocabulary when the tokenizer did not ha
 it (`generation_config.suppress_tokens`), so logits over the original vocabulary and greedy outputs are ours.
 
 What HF cannot express is refused (`UnsupportedConversion`), never exported approximately: projectors other
-than `mlp2x_gelu` (HF's projector is always Linear-GELU-Linear), towers without an exporter below, LoRA
+than `mlp2x_gelu` and `linear` (HF's projector is always Linear-activation-Linear), towers without an exporter below, LoRA
 directories (merge them first), and tokenizers whose HF processor would tokenize prompts differently.
 """
 from __future__ import annotations
@@ -84,17 +87,28 @@ def check_exportable(model: LlavaModel) -> None:
     if cfg.lora is not None:
         raise UnsupportedConversion("this directory holds LoRA adapters: merge them first "
                                     "(python -m llava_sft.merge_lora) and export the merged directory")
-    if cfg.projector != "mlp2x_gelu":
+    if cfg.projector not in HF_PROJECTOR_ACT:
         raise UnsupportedConversion(
             f"projector {cfg.projector!r} cannot be expressed by HF LlavaMultiModalProjector, which is always "
-            "Linear -> GELU -> Linear (our 'mlp2x_gelu'); only mlp2x_gelu models export to LlavaForConditionalGeneration")
+            "Linear -> activation -> Linear (our 'mlp2x_gelu', or 'linear' with the identity activation and an "
+            "identity second layer); only those export to LlavaForConditionalGeneration")
     if cfg.vision.name not in VISION_EXPORTERS:
         raise UnsupportedConversion(f"vision tower {cfg.vision.name!r} has no LlavaForConditionalGeneration export; "
                                     f"exportable: {', '.join(sorted(VISION_EXPORTERS))}")
 
 
+HF_PROJECTOR_ACT = {"mlp2x_gelu": "gelu", "linear": "linear"}  # our projector -> LlavaConfig.projector_hidden_act
+
+
 def _projector_state(model: LlavaModel) -> dict[str, torch.Tensor]:
     proj = model.projector
+    if model.cfg.projector == "linear":
+        if type(proj) is not torch.nn.Linear or proj.bias is None:
+            raise UnsupportedConversion(f"projector module {proj} is not one Linear with a bias")
+        w = proj.weight.detach()
+        eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+        return {"linear_1.weight": w, "linear_1.bias": proj.bias.detach(), "linear_2.weight": eye,
+                "linear_2.bias": torch.zeros_like(proj.bias.detach())}
     if not (isinstance(proj, torch.nn.Sequential) and len(proj) == 3 and type(proj[1]) is torch.nn.GELU
             and proj[1].approximate == "none"):
         raise UnsupportedConversion(f"projector module {proj} is not Linear -> exact GELU -> Linear")
@@ -149,7 +163,7 @@ def build_hf_state_and_config(model: LlavaModel, image_token_id: int, vocab: int
     text_config.pop("_name_or_path", None)
     config = LlavaConfig(
         vision_config=dict(vision.config), text_config=text_config, image_token_index=image_token_id,
-        projector_hidden_act="gelu", vision_feature_select_strategy=strategy,
+        projector_hidden_act=HF_PROJECTOR_ACT[model.cfg.projector], vision_feature_select_strategy=strategy,
         vision_feature_layer=model.cfg.vision.select_layer, image_seq_length=model.tokens_per_image,
         multimodal_projector_bias=True,
     )
