@@ -83,6 +83,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # shards: per-worker shuffle buffer (samples); 0 = stream order
     verify_shards: bool = True  # shards: check each shard's sha256 against the manifest when first opened
     template: str = "plain"  # chat template for training (plain for Stage 1, vicuna_v1 for Stage 2)
+    # when the tokenizer carries its own chat_template: "error" stops the run (exit 2) if data.template renders a
+    # probe conversation to other ids, "warn" logs it, "off" skips the check (data/template_check.py)
+    template_check: str | bool = "error"  # YAML's `off` arrives as false (validate() maps it)
     max_length: int = 2048  # tokens after image expansion
     overlong: str = "truncate"  # "truncate" (text after the last image only) or "drop"; both counted
     bad_samples: str = "error"  # "error" (stop, naming the sample) or "skip" (counted in the run report)
@@ -231,6 +234,7 @@ CHOICES = {
     "train.engine": ("auto", "ddp", "deepspeed", "fsdp2"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.loss_normalization": ("global_tokens", "micro_batch_mean"),
+    "data.template_check": ("error", "warn", "off"),
     "data.overlong": ("truncate", "drop"),
     "data.bad_samples": ("error", "skip"),
     "data.control_strings": ("refuse", "keep"),
@@ -265,6 +269,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     errors = []
     if isinstance(cfg.data.check_images_at_start, bool):  # YAML reads `off` as false; true is the default check
         cfg.data.check_images_at_start = "header" if cfg.data.check_images_at_start else "off"
+    if isinstance(cfg.data.template_check, bool):
+        cfg.data.template_check = "error" if cfg.data.template_check else "off"
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

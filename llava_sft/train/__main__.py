@@ -10,7 +10,8 @@ or simply `bash scripts/stage1.sh` then `bash scripts/stage2.sh` (README; docs/t
 DeepSpeed needs DS_ACCELERATOR=cpu (set automatically when unset).
 
 Exit codes: 0 done, 2 config error (or a missing path, another run holding the run directory, or bad samples found
-by the start-up check under data.bad_samples=error: the message lists them), 3 a non-finite
+by the start-up check under data.bad_samples=error: the message lists them; or data.template not the tokenizer's own
+chat template, data/template_check.py), 3 a non-finite
 loss or gradient norm stopped the run (nothing saved from it), 4 a bad sample met at run time under
 data.bad_samples=error (the last complete step checkpointed first),
 75 pre-empted (SIGTERM or SIGUSR1: a checkpoint of the last finished step was written; run again to resume).
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from llava_sft.data.catalog import StartupCheckError
+    from llava_sft.data.template_check import TemplateMismatch
     from llava_sft.data.templates import BadSampleError
     from llava_sft.train.guards import BadSampleStop, NonFiniteStepError, Preempted
     from llava_sft.train.rundir import RunDirLocked
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupCheckError as e:  # every rank that met it says it (it may be a node's own)
         print(f"[train] error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
         code = 2
-    except (RunDirLocked, MissingPathError, BadSampleError) as e:  # found before training; rank 0 says it once
+    except (RunDirLocked, MissingPathError, BadSampleError, TemplateMismatch) as e:  # found before training: rank 0
         if os.environ.get("RANK", "0") == "0":
             print(f"[train] error: {e}", file=sys.stderr)
         code = 2

@@ -31,6 +31,7 @@ import torch
 from llava_sft.config import RunConfig, check_paths, save_config, to_dict, validate
 from llava_sft.constants import IGNORE_INDEX
 from llava_sft.data.packing import token_counts
+from llava_sft.data.template_check import check_run as check_chat_template
 from llava_sft.train.build import (
     build,
     device_and_ranks,
@@ -70,6 +71,7 @@ __all__ = ["DDPEngine", "accumulate_gradients", "build", "lr_lambda", "make_coll
 def train(cfg: RunConfig) -> Path:
     validate(cfg)  # load_config did already; a config built in code gets the same checks before anything loads
     check_paths(cfg)  # before any weights load (a missing data file used to show after the 7B model had loaded)
+    check_chat_template(cfg)  # the tokenizer's own chat template against data.template, as cheaply
     # one live run per output_dir (rank 0 holds the lock; a refusal there ends the torchrun job before any work)
     lock = RunDirLock(Path(cfg.train.output_dir)).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     try:
