@@ -388,8 +388,9 @@ def _registry_errors(cfg: RunConfig) -> list[str]:
 
     errors = []
     for key in ("data.template", "model.template"):
-        if _get(cfg, key) not in list_templates():
-            errors.append(f"{key}={_get(cfg, key)!r} is not a chat template: {', '.join(list_templates())}")
+        if _get(cfg, key) not in list_templates() + ["auto"]:
+            errors.append(f"{key}={_get(cfg, key)!r} is not a chat template: {', '.join(list_templates())}, or auto "
+                          f"(the tokenizer's own)")
     if cfg.model.vision.name not in registry.vision_tower_names():
         errors.append(f"model.vision.name={cfg.model.vision.name!r} is not a registered vision tower: "
                       f"{', '.join(registry.vision_tower_names())}")

@@ -45,7 +45,7 @@ class Answerer:
         self.model, self.tokenizer, saved = LlavaModel.from_pretrained(model_dir, device=self.device)
         self.processor = ImageProcessor.from_saved(saved["image"])
         self.template = get_template(template or saved.get("template") or saved["model"]["template"],
-                                     saved["model"].get("system_prompt"))
+                                     saved["model"].get("system_prompt"), tokenizer=self.tokenizer)
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
         self.model_id = Path(model_dir).name
 

@@ -43,7 +43,7 @@ def render_supervision(ids: list[int], labels: list[int], tokenizer) -> str:
 
 def inspect_file(data: str, tokenizer, template_name: str, out: str, max_length: int | None = None,
                  tokens_per_image: int = 576, overlong: str = "truncate", show: int = 3) -> Counter:
-    template = get_template(template_name)
+    template = get_template(template_name, tokenizer=tokenizer)
     records = json.loads(Path(data).read_text())
     problems: Counter = Counter()
     with open(out, "w") as f:
@@ -82,7 +82,8 @@ def main() -> int:
     ap.add_argument("--show", type=int, default=3, help="samples to print")
     args = ap.parse_args()
     try:
-        get_template(args.template)
+        if args.template != "auto":  # auto needs the tokenizer: checked when it renders
+            get_template(args.template)
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2

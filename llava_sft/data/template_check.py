@@ -102,6 +102,8 @@ def check_run(cfg) -> None:
     from llava_sft.data.templates import get_template
 
     path = cfg.model.tokenizer or cfg.model.llm.path
+    if cfg.data.template == "auto":  # the model's own, by definition
+        return
     template = get_template(cfg.data.template, cfg.model.system_prompt)
     if cfg.data.template_check == "off" or template.kind != "chat" or not path or not carries_template(path):
         return

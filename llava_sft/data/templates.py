@@ -109,12 +109,16 @@ class ChatTemplate:
         return [Segment(self.system_format.format(system=system), False)] if system else []
 
     def _user_content(self, value: str) -> str:
-        n = value.count(IMAGE_PLACEHOLDER)
-        if not self.image_at_turn_start or n == 0:
-            return value
-        # LLaVA's preprocess_multimodal: drop the markers, strip, put them first, each followed by "\n".
-        rest = value.replace(IMAGE_PLACEHOLDER, "").strip()
-        return ((IMAGE_PLACEHOLDER + "\n") * n + rest).strip()
+        return images_first(value) if self.image_at_turn_start else value
+
+
+def images_first(value: str) -> str:
+    """LLaVA's preprocess_multimodal: drop the `<image>` markers, strip, put them first, each followed by "\n"."""
+    n = value.count(IMAGE_PLACEHOLDER)
+    if n == 0:
+        return value
+    rest = value.replace(IMAGE_PLACEHOLDER, "").strip()
+    return ((IMAGE_PLACEHOLDER + "\n") * n + rest).strip()
 
 
 def _check_turns(conversations, sample_id) -> list[dict]:
@@ -149,13 +153,23 @@ def _load_all() -> dict[str, ChatTemplate]:
     return templates
 
 
+AUTO = "auto"  # data.template / model.template: the tokenizer's own chat template
+
+
 def list_templates() -> list[str]:
     return sorted(_load_all())
 
 
-def get_template(name: str, system_prompt: str | None = None, loss_on: str = "replies") -> ChatTemplate:
+def get_template(name: str, system_prompt: str | None = None, loss_on: str = "replies", tokenizer=None):
     """The named template; `system_prompt` (if not None) replaces its default system prompt; `loss_on="all"`
-    (data.loss_on) supervises every text token."""
+    (data.loss_on) supervises every text token. "auto": the tokenizer's own chat template (data/auto_template.py;
+    `tokenizer` is then required)."""
+    if name == AUTO:
+        if tokenizer is None:
+            raise ValueError("template 'auto' renders with the tokenizer's own chat template: pass the tokenizer")
+        from llava_sft.data.auto_template import AutoTemplate
+
+        return AutoTemplate(tokenizer, system_prompt, loss_on)
     templates = _load_all()
     if name not in templates:
         raise KeyError(f"unknown chat template {name!r}; known: {', '.join(sorted(templates))}")

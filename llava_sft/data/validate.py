@@ -81,7 +81,7 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
                          "from, with data.path=FILE.json)")
     folder = Path(data.image_folder)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.llm.path, use_fast=cfg.model.tokenizer_use_fast)
-    template = get_template(data.template, cfg.model.system_prompt, data.loss_on)
+    template = get_template(data.template, cfg.model.system_prompt, data.loss_on, tokenizer)
     per_image = tokens_per_image(cfg)
     records = read_records(data.path)
 

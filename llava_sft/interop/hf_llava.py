@@ -226,7 +226,12 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     out_dir = Path(out_dir)
     model, tokenizer, saved = LlavaModel.from_pretrained(model_dir, device="cpu")
     check_exportable(model)
-    template = get_template(saved.get("template") or saved["model"]["template"], saved["model"].get("system_prompt"))
+    name = saved.get("template") or saved["model"]["template"]
+    if name == "auto":
+        raise UnsupportedConversion("a model trained with template 'auto' (the tokenizer's own chat template): its "
+                                    "processor would need that template to place images as training did, which the "
+                                    "export does not write yet; generate with python -m llava_sft.generate")
+    template = get_template(name, saved["model"].get("system_prompt"))
     stops = stop_token_ids(tokenizer, template)
     old_vocab = model.llm_vocab_size
     image_id, vocab = add_image_token(tokenizer, old_vocab)

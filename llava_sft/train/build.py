@@ -69,7 +69,7 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
     if not tok_path:
         raise ValueError("model.tokenizer is required when the LLM is built from a config")
     tokenizer = load_tokenizer(tok_path, use_fast=cfg.model.tokenizer_use_fast)
-    template = get_template(cfg.data.template, cfg.model.system_prompt, cfg.data.loss_on)  # unknown: clear error now
+    template = get_template(cfg.data.template, cfg.model.system_prompt, cfg.data.loss_on, tokenizer)  # unknown: now
     if cfg.model.llm.config is not None:
         cfg.model.llm.config.setdefault("vocab_size", len(tokenizer))
     model = LlavaModel(cfg.model)
