@@ -57,12 +57,13 @@ def compare(tokenizer, template: ChatTemplate, system_prompt: str | None) -> str
     if system_prompt is None and _apply(tokenizer, _messages(template.system)) == ours:
         why = (f" Only the system prompt differs: with no system turn the model's template writes its own default, "
                f"ours writes {template.system!r}. Set model.system_prompt to the model's default (its rendering: "
-               f"{_system_text(tokenizer)!r}), or give the data system turns.")
+               f"{_system_text(tokenizer)!r}), or use data.template=auto.")
     return (f"data.template={template.name} is not the tokenizer's own chat template "
             f"({getattr(tokenizer, 'name_or_path', '')}): a probe conversation gives {len(ours)} tokens our way "
             f"and {len(theirs)} the model's way, first differing at token {first}:\n"
             f"    ours:    {shown(ours)}\n    model's: {shown(theirs)}\n"
-            f" {why.strip()} Fix: name the template the model was trained with, or set data.template_check=warn "
+            f" {why.strip()} Fix: data.template=auto (the model's own template), name the one it was trained with, "
+            f"or set data.template_check=warn "
             f"(or off) to train with {template.name} anyway.").replace("\n ", "\n").rstrip()
 
 
