@@ -55,7 +55,8 @@ class Forwarder:
     def __init__(self):
         self.received: list[str] = []
 
-    def forward(self, signum: int) -> None:
+    def forward(self, signum: int) -> int:
+        """Pass the signal on to every rank; the number of ranks it reached."""
         self.received.append(signal.Signals(signum).name)
         ranks = rank_processes()
         print(f"[launch] {signal.Signals(signum).name}: passed on to {len(ranks)} rank(s) {ranks}; they checkpoint "
@@ -65,6 +66,7 @@ class Forwarder:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
+        return len(ranks)
 
     def install(self) -> None:
         signal.signal(signal.SIGUSR1, lambda signum, frame: self.forward(signum))
@@ -73,9 +75,9 @@ class Forwarder:
         torchrun_handler = elastic._terminate_process_handler  # installed by torchrun as its workers start
 
         def on_terminate(signum, frame):
-            if signum == signal.SIGTERM and "SIGTERM" not in self.received:
-                self.forward(signum)  # the first SIGTERM: the ranks save and exit 75; torchrun keeps waiting
-                return
+            if signum == signal.SIGTERM and "SIGTERM" not in self.received and self.forward(signum):
+                return  # the first SIGTERM reached the ranks: they save and exit 75; torchrun keeps waiting
+            # a second notice, another signal, or no rank running yet (nothing to save): torchrun's own answer
             torchrun_handler(signum, frame)  # raises torchrun's SignalException: it stops the workers
 
         elastic._terminate_process_handler = on_terminate

@@ -44,3 +44,14 @@ def test_settings_the_5x_llama_encoder_does_not_reproduce_are_refused_by_name(ll
     split = AutoTokenizer.from_pretrained(llama_tokenizer_dir, use_fast=False, split_special_tokens=True)
     with pytest.raises(UnreproducibleTokenizer, match="split_special_tokens=True"):
         SlowLlamaEncoder.of(split)
+
+
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) >= 5,
+                    reason="transformers 5.x has no slow LlamaTokenizer to fall back to (refused instead, above)")
+def test_on_4x_a_setting_the_encoder_does_not_reproduce_leaves_the_slow_class_to_encode(llama_tokenizer_dir):
+    from llava_sft.data.tokenize import tokenize_with_images
+
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir, use_fast=False)
+    tok.add_tokens([AddedToken("<region>", single_word=True)])
+    text = "USER: a<region> b <region> c ASSISTANT:"
+    assert tokenize_with_images(text, tok) == tok(text)["input_ids"]  # the slow class's own ids, no error

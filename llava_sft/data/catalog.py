@@ -374,14 +374,15 @@ def prepare(json_path, image_folder, s: StartupSettings, cache_dir: str | None =
         if not (target / "DONE").is_file():
             waited_since = time.time()
             try:
-                _lock(lock_file, root, json_path)
+                waited = _lock(lock_file, root, json_path)
             except OSError as e:  # a file system without locks (some NFS mounts): no sharing, no race either
                 log.warning("start-up cache %s cannot be locked (%s): every process checks the data itself; set "
                             "data.cache_dir to a local directory to check once per node", root, e)
                 return _fresh(json_path, image_folder, s, read)
             try:
                 if not (target / "DONE").is_file():
-                    failed = _failure_since(root, key, waited_since)
+                    # only a build this process waited for: an old marker never fails a later start
+                    failed = _failure_since(root, key, waited_since) if waited else None
                     if failed:  # never a serial rebuild by every waiting rank: the cause, at once
                         raise StartupCheckError(
                             f"the start-up check of {json_path} was built by another process but could not be stored "
@@ -416,14 +417,15 @@ def _fresh(json_path: Path, image_folder: Path, s: StartupSettings, read) -> Cat
 LOCK_WAIT_S = 3600.0  # the longest wait for another process's check (LLAVA_SFT_LOCK_WAIT); mix665K: minutes
 
 
-def _lock(lock_file, root: Path, json_path: Path) -> None:
-    """The node's lock on the cache, waited for at most LLAVA_SFT_LOCK_WAIT seconds, saying who holds it."""
+def _lock(lock_file, root: Path, json_path: Path) -> bool:
+    """The node's lock on the cache, waited for at most LLAVA_SFT_LOCK_WAIT seconds, saying who holds it; True when
+    another process held it first."""
     bound = float(os.environ.get("LLAVA_SFT_LOCK_WAIT") or LOCK_WAIT_S)
     t0, last_said = time.time(), None
     while True:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return last_said is not None
         except BlockingIOError:
             pass
         waited = time.time() - t0
@@ -476,7 +478,7 @@ def _failure_since(root: Path, key: str, since: float) -> str | None:
 def _remove_leftovers(root: Path) -> None:
     """Temporary directories of builds that crashed (SIGKILL, OOM, a node failure) and old failure markers: those of
     this host whose process is gone, and any older than a day (another host's)."""
-    host = socket.gethostname()
+    host, removed = socket.gethostname(), []
     for path in root.glob("*.tmp-*"):
         owner_host, _, pid = path.name.split(".tmp-", 1)[1].rpartition("-")
         try:
@@ -487,6 +489,10 @@ def _remove_leftovers(root: Path) -> None:
             continue
         if stale:
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        log.info("start-up cache %s: removed %d leftover(s) of crashed builds (%s)", root, len(removed),
+                 ", ".join(removed[:3]))
     for marker in root.glob("*.failed"):
         shutil.rmtree(marker, ignore_errors=True) if marker.is_dir() else marker.unlink(missing_ok=True)
 

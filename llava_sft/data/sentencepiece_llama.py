@@ -151,6 +151,27 @@ def check_reproducible(tokenizer) -> None:
     unsupported(tokenizer)
 
 
+def reproducible(tokenizer) -> bool:
+    """Does SlowLlamaEncoder give this tokenizer's ids (no setting `unsupported` names)? Kept per tokenizer object
+    and its size (asked once per encode call)."""
+    try:
+        size, answer = _REPRODUCIBLE[tokenizer]
+        if size == len(tokenizer):
+            return answer
+    except (KeyError, TypeError):
+        pass
+    try:
+        unsupported(tokenizer)
+        answer = True
+    except UnreproducibleTokenizer:
+        answer = False
+    try:
+        _REPRODUCIBLE[tokenizer] = (len(tokenizer), answer)
+    except TypeError:
+        pass
+    return answer
+
+
 def unsupported(tokenizer) -> None:
     """Raise UnreproducibleTokenizer naming every setting SlowLlamaEncoder does not reproduce (any stack)."""
     problems = []
@@ -225,3 +246,4 @@ def save_tokenizer(tokenizer, out_dir) -> None:
     if changed:
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 _IS_SP_LLAMA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REPRODUCIBLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -20,7 +20,7 @@ from __future__ import annotations
 from importlib.metadata import version
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
-from llava_sft.data.sentencepiece_llama import SlowLlamaEncoder, is_sentencepiece_llama
+from llava_sft.data.sentencepiece_llama import SlowLlamaEncoder, is_sentencepiece_llama, reproducible
 from llava_sft.data.templates import BadSampleError, ChatTemplate, Segment
 
 _SLOW_LLAMA_GONE = int(version("transformers").split(".")[0]) >= 5
@@ -44,7 +44,10 @@ def _encode(tokenizer, text: str) -> list[int]:
     # class is gone (that module says why), on 4.x for the slow class because it is the same ids 3.4x faster
     # (0.46 against 1.56 ms per demo Stage-2 conversation, tokenizer calls dominate the loader's time; the ids are
     # checked against the slow class in tests/test_sentencepiece_llama.py). A fast 4.x tokenizer is used as is.
-    if is_sentencepiece_llama(tokenizer) and (_SLOW_LLAMA_GONE or not getattr(tokenizer, "is_fast", False)):
+    # On 4.x a setting the encoder does not reproduce (single_word added tokens, split_special_tokens) leaves the
+    # slow class to encode, as it always did; on 5.x there is no slow class and the encoder refuses it by name.
+    if is_sentencepiece_llama(tokenizer) and (_SLOW_LLAMA_GONE or (not getattr(tokenizer, "is_fast", False)
+                                                                   and reproducible(tokenizer))):
         return SlowLlamaEncoder.of(tokenizer)(text)
     return tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
 
