@@ -188,3 +188,41 @@ def _fill(target: list[int], start: int, stop: int) -> None:
     start, stop = max(0, min(start, len(target))), max(0, min(stop, len(target)))
     for k in range(start, stop):
         target[k] = IGNORE_INDEX
+
+
+# ----------------------------------------------------------------------------- AnyRes (LLaVA-1.6)
+def reference_unpad_image(tensor, original_size):
+    """llava_arch.unpad_image: [C, H, W] feature map of a padded image of original (width, height)."""
+    original_width, original_height = original_size
+    current_height, current_width = tensor.shape[1:]
+    if original_width / original_height > current_width / current_height:
+        new_height = int(original_height * (current_width / original_width))
+        padding = (current_height - new_height) // 2
+        return tensor[:, padding:current_height - padding, :]
+    new_width = int(original_width * (current_height / original_height))
+    padding = (current_width - new_width) // 2
+    return tensor[:, :, padding:current_width - padding]
+
+
+def reference_spatial_unpad(image_feature, grid, side, newline, image_size, max_num_patches=None):
+    """prepare_inputs_labels_for_multimodal's `spatial_unpad` branch for one image (LLaVA-NeXT's anyres_max_N
+    interpolation when `max_num_patches`): [1 + gh*gw, side*side, D] -> [tokens, D]. `grid` = (gw, gh)."""
+    import math
+
+    import torch
+
+    num_patch_width, num_patch_height = grid
+    base_image_feature = image_feature[0]
+    image_feature = image_feature[1:].view(num_patch_height, num_patch_width, side, side, -1)
+    image_feature = image_feature.permute(4, 0, 2, 1, 3).contiguous()
+    image_feature = image_feature.flatten(1, 2).flatten(2, 3)
+    image_feature = reference_unpad_image(image_feature, image_size)
+    if max_num_patches is not None:
+        c, h, w = image_feature.shape
+        times = math.sqrt(h * w / (max_num_patches * side ** 2))
+        if times > 1.1:
+            image_feature = torch.nn.functional.interpolate(image_feature[None], [int(h // times), int(w // times)],
+                                                            mode="bilinear")[0]
+    image_feature = torch.cat((image_feature, newline[:, None, None].expand(*image_feature.shape[:-1], 1)), dim=-1)
+    image_feature = image_feature.flatten(1, 2).transpose(0, 1)
+    return torch.cat((base_image_feature, image_feature), dim=0)

@@ -5,7 +5,9 @@ marks `{% generation %}` spans, its assistant mask.
 Templates written from the published ones (each model's tokenizer_config.json, the branches without tools):
 Qwen2.5-Instruct (a default system prompt; here with `{% generation %}` spans added, as templates that support
 `return_assistant_tokens_mask` have them), Qwen3 (no default system prompt; `</think>` blocks stripped from
-assistant turns), Llama-3.1-Instruct (BOS, a dated system header, `| trim`), Mistral-Instruct v0.1 (no system role).
+assistant turns), Llama-3.1-Instruct (BOS, a dated system header, `| trim`), Mistral-Instruct v0.1 (no system role),
+Llama-2-chat (BOS before every user turn, " " between `[/INST]` and the reply, `<<SYS>>` inside the first turn),
+Gemma (google/gemma-7b-it: no system role, it raises; the assistant's role is "model"; `| trim`).
 """
 from __future__ import annotations
 
@@ -59,6 +61,26 @@ MISTRAL = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
     "{{ message['content'] + eos_token + ' ' }}{% endif %}{% endfor %}"
+)
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
 CHAT = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "It is red."},
         {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "Yes, it is big."}]
@@ -158,7 +180,7 @@ def test_a_stage2_run_with_auto_trains_and_its_model_answers_in_the_models_forma
     from llava_sft.train.trainer import train
 
     tokenizer_with(dirs, "chatml", QWEN25, tmp_path)
-    make_shapes(tmp_path / "data", seed=2, image_size=32, n_stage1=2, n_stage2=16, n_eval=1, text_only_frac=0.25)
+    make_shapes(tmp_path / "data", seed=2, image_size=32, n_stage1=2, n_stage2=16, n_eval=3, text_only_frac=0.25)
     cfg = run_config(tmp_path / "chatml", tmp_path / "data", tmp_path / "run", stage=2, max_steps=4, lr=3e-3)
     cfg.model.tokenizer_use_fast = True
     cfg.data.template = cfg.model.template = "auto"
@@ -169,3 +191,69 @@ def test_a_stage2_run_with_auto_trains_and_its_model_answers_in_the_models_forma
     prompt = answerer.prompt_for("What color is it?")
     assert prompt.startswith("<|im_start|>system\nYou are Qwen") and prompt.endswith("<|im_start|>assistant\n")
     assert answerer.tokenizer.convert_tokens_to_ids("<|im_end|>") in answerer.stop_ids
+
+    # the eval runner prompts in Qwen2.5's format (written out here) with LLaVA's image placement, batched
+    import torch
+    from PIL import Image
+
+    from llava_sft.data.tokenize import tokenize_prompt
+    from llava_sft.eval import run_vqa
+
+    rows = [json.loads(line) for line in (tmp_path / "data" / "eval" / "questions.jsonl").read_text().splitlines()]
+    run_vqa.main(["--model", str(tmp_path / "run"), "--questions", str(tmp_path / "data" / "eval" / "questions.jsonl"),
+                  "--image-folder", str(tmp_path / "data" / "images"), "--answers", str(tmp_path / "answers.jsonl"),
+                  "--batch-size", "4", "--max-new-tokens", "8", "--device", "cpu"])
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == len(rows) >= 1 and any(a["text"] for a in answers)
+    for row, answer in zip(rows, answers, strict=True):
+        written = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                   f"<|im_start|>user\n<image>\n{row['text']}<|im_end|>\n<|im_start|>assistant\n")
+        ids = torch.tensor([tokenize_prompt(written, answerer.tokenizer)])
+        image = answerer.processor(Image.open(tmp_path / "data" / "images" / row["image"]).convert("RGB"))[None]
+        with torch.no_grad():
+            out = answerer.model.generate(ids, torch.ones_like(ids), image, max_new_tokens=8, do_sample=False,
+                                          eos_token_id=answerer.stop_ids, pad_token_id=answerer.tokenizer.pad_token_id)
+        assert answer["text"] == answerer.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_text_after_an_image_keeps_its_first_token_when_bos_is_a_template_token_the_tokenizer_does_not_add(dirs):
+    """SmolLM2's BOS is `<|im_start|>`, written by its template, never added by the tokenizer. LLaVA's
+    tokenizer_image_token rule (first chunk starts with BOS -> drop the first token of every later chunk) dropped
+    the "\\n" after each image, in training and in generate; the HF export's tokenization check found it."""
+    from llava_sft.data.tokenize import tokenize_with_images
+
+    tok = load_tokenizer(str(dirs["chatml"]), use_fast=True)
+    tok.bos_token = "<|im_start|>"
+    assert tok("a")["input_ids"][:1] != [tok.bos_token_id]  # not added: every chunk's ids are its own
+    before, after = "<|im_start|>user\n", "\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    want = tok(before)["input_ids"] + [IMAGE_TOKEN_INDEX] + tok(after)["input_ids"]
+    assert tokenize_with_images(before + "<image>" + after, tok) == want
+    assert tokenize_with_images("<|im_start|>a<image><|im_start|>b", tok).count(tok.bos_token_id) == 2
+
+
+def test_llama2_chat_supervises_the_reply_after_the_separator_its_template_writes(llama_tokenizer_dir, tmp_path):
+    """Llama-2-chat renders `[/INST]` + " " + reply + " " + `</s>`: the generation prompt ends at `[/INST]`, so the
+    " " is generated with the reply (SentencePiece's "▁It"); each user turn starts with a textual `<s>` (one BOS
+    token, as apply_chat_template's ids)."""
+    tok = load_tokenizer(str(llama_tokenizer_dir))
+    tok.chat_template = LLAMA2
+    for system in (None, "You are helpful."):
+        template = get_template("auto", system, tokenizer=tok)
+        ids, labels = tokenize_conversation(CHAT, tok, template, num_images=0)
+        assert ids == hf_ids(tok, messages(CHAT, system))[0]
+        assert ids.count(tok.bos_token_id) == 2  # one per user turn, none doubled
+        assert [s.strip() for s in supervised_spans(tok, ids, labels)] == ["It is red. </s>", "Yes, it is big. </s>"]
+    assert template.generation_prompt("What is it?").endswith("What is it? [/INST]")
+
+
+def test_gemma_without_a_system_role_trains_its_turns_and_refuses_a_system_prompt_naming_the_fix(dirs, tmp_path):
+    tok = load_tokenizer(str(dirs["llama3"]), use_fast=True)  # adds BOS, as Gemma's tokenizer does
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA
+    template = get_template("auto", tokenizer=tok)
+    ids, labels = tokenize_conversation(CHAT, tok, template, num_images=0)
+    assert ids == hf_ids(tok, messages(CHAT))[0] and ids.count(tok.bos_token_id) == 1
+    assert supervised_spans(tok, ids, labels) == ["It is red.<end_of_turn>", "Yes, it is big.<end_of_turn>"]
+    assert template.generation_prompt("Hi") == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    with pytest.raises(ValueError, match="System role not supported.*unset it"):
+        get_template("auto", "Be brief.", tokenizer=tok)

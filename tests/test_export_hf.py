@@ -13,11 +13,14 @@ from llava_sft.config import from_dict
 from llava_sft.constants import IMAGE_TOKEN_INDEX
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import get_template, list_templates
+from llava_sft.data.tokenizer_train import demo_corpus, make_chatml_style_tokenizer, make_llama3_style_tokenizer
 from llava_sft.data.tokenize import tokenize_prompt
 from llava_sft.export import main as export_main
 from llava_sft.interop.chat_template import to_jinja
 from llava_sft.interop.hf_llava import image_processor_for
 from llava_sft.model.llava import LlavaModel, ModelConfig, load_tokenizer
+from tests.conftest import EXTRA_LINES
+from tests.test_auto_template import LLAMA31, QWEN25
 from tests.tiny import model_dict
 
 pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
@@ -26,11 +29,12 @@ QUESTION = "What is in the image?"
 
 
 def save_tiny_model(tokenizer_dir, out, seed=0, aspect="pad", select_feature="patch", select_layer=-2,
-                    projector="mlp2x_gelu", template="vicuna_v1", llm_dtype="float32"):
+                    projector="mlp2x_gelu", template="vicuna_v1", llm_dtype="float32", system_prompt=None):
     torch.manual_seed(seed)
     spec = model_dict(tokenizer_dir, projector=projector)
     spec["vision"].update(select_feature=select_feature, select_layer=select_layer)
     spec["image_aspect"] = aspect
+    spec["template"], spec["system_prompt"] = template, system_prompt
     spec["llm"]["dtype"] = llm_dtype  # what a recipe's model.llm.dtype does: the LLM loads and saves in it
     cfg = from_dict(ModelConfig, spec)
     cfg.llm.config["vocab_size"] = len(load_tokenizer(str(tokenizer_dir)))
@@ -47,19 +51,46 @@ def noise_image(size=(40, 24), seed=0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=[("pad", "patch", -2, "mlp2x_gelu"), ("square", "cls_patch", -1, "mlp2x_gelu"),
-                                        ("pad", "patch", -2, "linear")],
-                ids=["pad-patch", "square-cls", "linear-projector"])
+def tokenizer_with_template(family: str, jinja: str, out):
+    """A byte-level tokenizer directory (test-trained) carrying `jinja` as its chat template."""
+    make = {"llama3": make_llama3_style_tokenizer, "chatml": make_chatml_style_tokenizer}[family]
+    tok = load_tokenizer(str(make(demo_corpus(400) + EXTRA_LINES, out)), use_fast=True)
+    tok.chat_template = jinja
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=[("pad", "patch", -2, "mlp2x_gelu", None), ("square", "cls_patch", -1, "mlp2x_gelu", None),
+                                        ("pad", "patch", -2, "linear", None), ("pad", "patch", -2, "mlp2x_gelu", "llama3.1"),
+                                        ("pad", "patch", -2, "mlp2x_gelu", "qwen2.5")],
+                ids=["pad-patch", "square-cls", "linear-projector", "auto-llama3.1", "auto-qwen2.5-system"])
 def exported(request, llama_tokenizer_dir, tmp_path_factory):
-    """`linear`: the demo's projector since its recipe changed, and LLaVA v1's (configs/llava_v1/)."""
-    aspect, select_feature, select_layer, projector = request.param
+    """`linear`: the demo's projector since its recipe changed, and LLaVA v1's (configs/llava_v1/). `auto-*`: a model
+    trained with `data.template: auto` on a tokenizer carrying Llama-3.1's template (the template writes BOS, the
+    tokenizer adds it too) or Qwen2.5's (a default system prompt, replaced by the run's `model.system_prompt`)."""
+    aspect, select_feature, select_layer, projector, chat = request.param
     root = tmp_path_factory.mktemp(f"export-{aspect}")
-    ours = save_tiny_model(llama_tokenizer_dir, root / "ours", aspect=aspect, select_feature=select_feature,
-                           select_layer=select_layer, projector=projector)
+    tokenizer_dir, template, system = llama_tokenizer_dir, "vicuna_v1", None
+    if chat == "llama3.1":
+        tokenizer_dir, template = tokenizer_with_template("llama3", LLAMA31, root / "tok"), "auto"
+    elif chat == "qwen2.5":
+        tokenizer_dir, template = tokenizer_with_template("chatml", QWEN25, root / "tok"), "auto"
+        system = "Answer in one word."
+    ours = save_tiny_model(tokenizer_dir, root / "ours", aspect=aspect, select_feature=select_feature,
+                           select_layer=select_layer, projector=projector, template=template, system_prompt=system)
     assert export_main(["hf", "--model", str(ours), "--out", str(root / "hf")]) == 0
     return ours, root / "hf"
 
 
+# The `auto` exports' prompts for QUESTION with one image, written from the templates (tests/test_auto_template.py):
+# the image at the start of the user turn (LLaVA's placement); Llama-3.1's BOS is not in the text (the tokenizer
+# adds it: one BOS, checked by the ids below); Qwen2.5's default system prompt replaced by the run's.
+AUTO_PROMPTS = {p[:15]: p for p in [
+    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the image?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\n<image>\nWhat is in the image?<|im_end|>\n"
+    "<|im_start|>assistant\n"]}
 TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 
 
@@ -86,6 +117,8 @@ def test_hf_export_gives_our_pixels_tokens_and_logits(exported):
     processor, text, inputs = hf_inputs(hf_dir, image)
 
     assert text == answerer.prompt_for(QUESTION)  # the chat template renders our prompt
+    if answerer.template.name == "auto":  # ... which is the model's own format (written out from the published one)
+        assert text == AUTO_PROMPTS[text[:15]]
     assert torch.allclose(inputs["pixel_values"][0], answerer.processor(image), atol=1e-6)  # our preprocessing
     if TRANSFORMERS_5:  # the default (torchvision) backend's bicubic differs by at most one 8-bit level per value
         default_pixels = hf_inputs(hf_dir, image, pil=False)[2]["pixel_values"][0]
@@ -96,6 +129,8 @@ def test_hf_export_gives_our_pixels_tokens_and_logits(exported):
     image_id = hf.config.image_token_id
     expanded = [t for i in ours_ids for t in ([image_id] * answerer.model.tokens_per_image if i == IMAGE_TOKEN_INDEX else [i])]
     assert inputs["input_ids"][0].tolist() == expanded  # same tokens, each image expanded to its feature tokens
+    bos = answerer.tokenizer.bos_token_id
+    assert bos is None or expanded.count(bos) <= 1  # never the template's BOS and the tokenizer's
 
     ids = torch.tensor([ours_ids])
     with torch.no_grad():
@@ -132,7 +167,7 @@ def test_hf_greedy_generation_equals_llava_sft_generate(exported, tmp_path):
     cli = subprocess.run([sys.executable, "-m", "llava_sft.generate", "--model", str(ours_dir), "--image",
                           str(tmp_path / "img.png"), "--prompt", QUESTION, "--max-new-tokens", "12", "--device", "cpu"],
                          capture_output=True, text=True, check=True)
-    ours_text = cli.stdout.strip().splitlines()[-1]
+    ours_text = cli.stdout.strip()  # the answer is all the command prints on stdout (a random one may hold "\n")
     hf_text = AutoTokenizer.from_pretrained(hf_dir, use_fast=False).decode(hf_new, skip_special_tokens=True).strip()
     assert len(ours_text) >= 10  # a real answer (12 tokens of a random model), not an immediate end of turn
     assert hf_text == ours_text

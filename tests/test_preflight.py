@@ -135,3 +135,24 @@ def test_twins_take_the_real_parts_that_are_on_disk(llama_tokenizer_dir, write_p
     assert fields["num_key_value_heads"] == 1  # grouped-query layout kept: 32 heads / 8 kv -> 4 / 1
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert (out / "tokenizer.model").is_file()
+
+
+def test_a_stand_in_tokenizer_for_an_auto_template_run_carries_a_chat_template_auto_can_render(tmp_path):
+    """template=auto with an LLM that is not on disk: the stand-in tokenizer (trained here) needs a chat template
+    for the rehearsal to run the auto path; it gets Vicuna v1's, and the table says so."""
+    from llava_sft.config import load_config
+    from llava_sft.data.templates import get_template
+    from llava_sft.data.tokenize import tokenize_conversation
+    from llava_sft.preflight import twin
+
+    cfg = load_config(REPO / "configs" / "llava_v1_5" / "stage2_finetune_7b.yaml",
+                      ["data.template=auto", "model.template=auto"])
+    assert twin.real_tokenizer_dir(cfg) is None
+    texts = ["What is in the image?", "A red square on a blue field.", "USER: ASSISTANT:"] * 50
+    tokenizer, what = twin.make_tokenizer(cfg, texts, tmp_path)
+    assert "chat_template for template=auto" in what
+    chat = [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": "A red square."}]
+    ids, labels = tokenize_conversation(chat, tokenizer, get_template("auto", tokenizer=tokenizer), num_images=1)
+    supervised = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+    # Vicuna v1's reply (with the " " after "ASSISTANT:", which the model generates) and its end of turn
+    assert tokenizer.decode(supervised).lstrip() == "A red square.</s>"

@@ -5,7 +5,8 @@
 Checked: the start-up check refuses `chatml` with its tokenizer, naming SmolLM2's own system prompt, before any
 weights load; Stage 1 (LLM frozen, `plain`) through the CLI leaves the LLM answering the text question as before
 through our own generate path; Stage 2 with `data.template=auto` trains (the loss falls) and the trained model's
-prompt is the model's own format. Not yet: the HF export of an `auto` model (refused for now, issue 39).
+prompt is the model's own format; its HF export (`python -m llava_sft.export hf`) gives our greedy tokens and text, on
+an image question and on the text question.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.latest_stack,
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 QUESTION = "What is the capital of France?"
+TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,54 @@ def test_stage1_keeps_the_llms_answer_and_stage2_with_auto_trains_in_the_models_
     answerer = Answerer(tmp_path / "stage2", device="cpu")
     assert answerer.prompt_for("What color is it?").startswith(f"<|im_start|>system\n{SMOLLM_SYSTEM}")
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in answerer.stop_ids
+
+    # the HF export: its processor's template renders our prompt, and transformers' greedy decoding gives our tokens
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    export = subprocess.run([sys.executable, "-m", "llava_sft.export", "hf", "--model", str(tmp_path / "stage2"),
+                             "--out", str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert export.returncode == 0, export.stderr[-3000:]
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", **({"backend": "pil"} if TRANSFORMERS_5 else {}))
+    sample = next(s for s in json.loads((data / "stage2.json").read_text()) if "image" in s)
+    image = Image.open(data / "images" / sample["image"]).convert("RGB")
+    for question, img in (("What color is the shape?", image), (QUESTION, None)):
+        content = ([{"type": "image"}] if img else []) + [{"type": "text", "text": question}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        assert text == answerer.prompt_for(question, img is not None)
+        inputs = processor(images=img, text=text, return_tensors="pt") if img else processor(text=text, return_tensors="pt")
+        with torch.no_grad():
+            out = hf.generate(**inputs, max_new_tokens=16, do_sample=False)
+        hf_text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        ours = answerer.answer([question], [img], max_new_tokens=16)[0]
+        assert hf_text == ours and len(ours) > 0, (question, hf_text, ours)
+    assert "Paris" in ours  # Stage 2's few steps on shapes leave the text answer
+
+
+def test_auto_gives_apply_chat_templates_ids_on_the_real_smollm2_tokenizer(smollm2):
+    """SmolLM2's template (no `{% generation %}` spans, a default system prompt, BOS `<|im_start|>` never added):
+    multi-turn and text-only, with and without a system prompt, our ids are apply_chat_template's and exactly the
+    replies with their `<|im_end|>` carry loss; with an image, the "\\n" after it is kept."""
+    from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from llava_sft.data.templates import get_template
+    from llava_sft.data.tokenize import tokenize_conversation
+    from llava_sft.model.llava import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2), use_fast=True)
+    chat = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "It is red."},
+            {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "Yes, it is big."}]
+    for system in (None, "Be brief."):
+        template = get_template("auto", system, tokenizer=tok)
+        for turns in (chat, chat[:2]):
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+            ids, labels = tokenize_conversation(turns, tok, template, num_images=0)
+            assert ids == list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+            supervised = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+            assert tok.decode(supervised) == "".join(t["value"] + "<|im_end|>" for t in turns[1::2])
+    image_chat = [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A dog."}]
+    ids, _ = tokenize_conversation(image_chat, tok, get_template("auto", tokenizer=tok), num_images=1)
+    after = ids[ids.index(IMAGE_TOKEN_INDEX) + 1:]
+    assert tok.decode(after).startswith("\nWhat is it?<|im_end|>")

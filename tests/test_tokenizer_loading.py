@@ -55,3 +55,27 @@ def test_on_4x_a_setting_the_encoder_does_not_reproduce_leaves_the_slow_class_to
     tok.add_tokens([AddedToken("<region>", single_word=True)])
     text = "USER: a<region> b <region> c ASSISTANT:"
     assert tokenize_with_images(text, tok) == tok(text)["input_ids"]  # the slow class's own ids, no error
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_chat_template_in_either_file_reaches_the_auto_template(chatml_tokenizer, tmp_path, where):
+    """Releases before transformers 4.43 keep the template in tokenizer_config.json, later ones in
+    chat_template.jinja; both load, on both stacks, and `auto` renders with it."""
+    from llava_sft.data.templates import get_template
+
+    jinja = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    chatml_tokenizer.save_pretrained(tmp_path)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (tmp_path / name).unlink(missing_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    if where == "tokenizer_config.json":
+        config["chat_template"] = jinja
+    else:
+        (tmp_path / "chat_template.jinja").write_text(jinja)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(tmp_path), use_fast=True)
+    assert tok.chat_template == jinja
+    assert get_template("auto", tokenizer=tok).generation_prompt("Hi") == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

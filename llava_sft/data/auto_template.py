@@ -7,7 +7,8 @@ of ours that only looks like it costs accuracy silently (data/template_check.py 
 
 * the text up to reply k is the rendering of the conversation up to its user turn with the generation prompt
   (`add_generation_prompt=True`); the rendering with reply k must start with it and continue with the reply's text
-  verbatim; what follows up to and including the first special token (`<|im_end|>`, `<|eot_id|>`, `</s>`,
+  verbatim, after at most a whitespace separator the template writes (Llama-2-chat's `[/INST]` + " " + reply),
+  which is supervised with the reply, as the model generates it after the prompt; what follows up to and including the first special token (`<|im_end|>`, `<|eot_id|>`, `</s>`,
   `<end_of_turn>`) is the end-of-turn, supervised with the reply; the rest (a "\\n") is not;
 * every rendering must extend the previous one (a template that rewrites earlier turns, e.g. one that drops
   `<think>` blocks from history, or changes a reply's text) makes the sample a bad sample naming why, never a
@@ -48,11 +49,17 @@ class AutoTemplate:
         self.fingerprint = hashlib.sha256(jinja.encode()).hexdigest()[:12]
         with_bos = tokenizer("a", add_special_tokens=True)["input_ids"]
         adds_bos = tokenizer.bos_token_id is not None and with_bos[:1] == [tokenizer.bos_token_id]
-        self._bos_text = tokenizer.bos_token if adds_bos else None
+        self.bos_text = tokenizer.bos_token if adds_bos else None
         self._special = sorted({t for t in tokenizer.all_special_tokens if t.strip()} |
                                {t.content for t in tokenizer.added_tokens_decoder.values() if t.special},
                                key=len, reverse=True)
-        segments = self.render(PROBE, 0, sample_id="(the template's probe)")
+        try:
+            segments = self.render(PROBE, 0, sample_id="(the template's probe)")
+        except BadSampleError as e:
+            hint = (" (a template without a system role, e.g. Gemma's, refuses model.system_prompt / "
+                    "data.system_prompt: unset it)" if system else "")
+            raise ValueError(f"data.template=auto cannot use this tokenizer's chat template with system prompt "
+                             f"{system!r}: {e.reason}{hint}") from None
         reply = next(s.text for s in segments if s.supervised)
         self.stop_strings = tuple(t for t in self._special if reply.endswith(t))[:1]  # the end-of-turn token
         probe_text = "".join(s.text for s in segments)
@@ -61,16 +68,20 @@ class AutoTemplate:
 
     def __repr__(self) -> str:  # part of the start-up cache's key (data/catalog.py)
         return (f"AutoTemplate(jinja sha256 {self.fingerprint}, system={self.system!r}, loss_on={self.loss_on!r}, "
-                f"bos_text={self._bos_text!r})")
+                f"bos_text={self.bos_text!r})")
 
     def control_strings(self) -> tuple[str, ...]:
         return self._control
 
     # ------------------------------------------------------------------ rendering
-    def _apply(self, messages: list[dict], generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        if self._bos_text and text.startswith(self._bos_text):
-            text = text[len(self._bos_text):]  # the tokenizer adds it when encoding
+    def _apply(self, messages: list[dict], generation_prompt: bool, sample_id="?") -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja2's TemplateError, raised by the template itself (raise_exception)
+            raise BadSampleError(sample_id, f"the chat template refused it: {type(e).__name__}: {e}") from None
+        if self.bos_text and text.startswith(self.bos_text):
+            text = text[len(self.bos_text):]  # the tokenizer adds it when encoding
         return text
 
     def _messages(self, turns: list[dict], system: str | None) -> list[dict]:
@@ -99,14 +110,17 @@ class AutoTemplate:
         offset = len(messages) - len(turns)  # the system message
         segments, done = [], ""
         for k in range(0, len(turns), 2):
-            prompt = self._apply(messages[:offset + k + 1], True)
+            prompt = self._apply(messages[:offset + k + 1], True, sample_id)
             if not prompt.startswith(done):
                 raise BadSampleError(sample_id, f"auto template: the rendering up to turn {k} does not extend the "
                                                 f"rendering of the turns before it (the chat template rewrites "
                                                 f"history): reply spans cannot be established")
-            full = self._apply(messages[:offset + k + 2], False)
+            full = self._apply(messages[:offset + k + 2], False, sample_id)
             reply = turns[k + 1]["value"]
             after = full[len(prompt):] if full.startswith(prompt) else None
+            if after is not None and not after.startswith(reply):  # a separator the template writes before it
+                lead = after[:len(after) - len(after.lstrip())]  # (Llama-2-chat, Vicuna: "[/INST]" + " " + reply)
+                reply = lead + reply if lead and after[len(lead):].startswith(reply) else reply
             if after is None or not after.startswith(reply):
                 raise BadSampleError(sample_id, f"auto template: assistant turn {k + 1} is not rendered as its "
                                                 f"generation prompt followed by the reply's text verbatim (the chat "

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 IMAGE_CHECKS = ("header", "decode", "stat", "off")
 CALIBRATION = 256  # samples always tokenized, to check the token-count bound on this tokenizer
 PARALLEL_FROM = 5000  # records from which the text checks run in forked worker processes
-FORMAT = 1  # bump when the cached layout or the checks change
+FORMAT = 2  # bump when the cached layout, the checks or the tokenization change (2: tokenize_with_images BOS rule)
 OK, BAD, BAD_IMAGE = 0, 1, 2  # per-record state; BAD_IMAGE is re-checked on every start
 
 

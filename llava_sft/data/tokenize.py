@@ -27,15 +27,24 @@ _SLOW_LLAMA_GONE = int(version("transformers").split(".")[0]) >= 5
 
 
 def tokenize_with_images(text: str, tokenizer) -> list[int]:
-    """Tokenize `text`, turning each `<image>` into one IMAGE_TOKEN_INDEX (as LLaVA's tokenizer_image_token)."""
-    chunks = [_encode(tokenizer, chunk) for chunk in text.split(IMAGE_PLACEHOLDER)]
-    bos = tokenizer.bos_token_id
-    offset = 1 if bos is not None and chunks[0][:1] == [bos] else 0
-    ids = chunks[0][:1] if offset else []
-    for i, chunk in enumerate(chunks):
+    """Tokenize `text`, turning each `<image>` into one IMAGE_TOKEN_INDEX (as LLaVA's tokenizer_image_token).
+
+    Each text chunk is encoded alone; a BOS the tokenizer added to a chunk after an image is dropped. LLaVA drops the
+    first token of every later chunk whenever the first chunk starts with BOS, which is right for Llama (it adds BOS
+    to each) and wrong for a tokenizer that does not add BOS but whose BOS is a template token: SmolLM2's BOS is
+    `<|im_start|>`, and that rule dropped the "\n" after every image (found by the HF export check on the real
+    model). So: dropped only where the chunk's ids start with BOS and its text does not.
+    """
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    bos, bos_text = tokenizer.bos_token_id, getattr(tokenizer, "bos_token", None)
+    ids = []
+    for i, piece in enumerate(pieces):
+        chunk = _encode(tokenizer, piece)
         if i > 0:
             ids.append(IMAGE_TOKEN_INDEX)
-        ids.extend(chunk[offset:])
+            if bos is not None and chunk[:1] == [bos] and not (bos_text and piece.startswith(bos_text)):
+                chunk = chunk[1:]
+        ids.extend(chunk)
     return ids
 
 

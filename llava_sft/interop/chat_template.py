@@ -1,4 +1,5 @@
-"""Our chat templates (data/templates.yaml) as a Jinja `chat_template`, for HF tokenizers and processors.
+"""Our chat templates (data/templates.yaml) as a Jinja `chat_template`, for HF tokenizers and processors; and, for
+a model trained with `data.template: auto`, the model's own Jinja wrapped so that it places images as training did.
 
 The Jinja text is generated from the template's fields, so `tokenizer.apply_chat_template(messages)` renders
 exactly what `ChatTemplate.generation_prompt` (with `add_generation_prompt=True`) and `ChatTemplate.render`
@@ -79,3 +80,41 @@ def to_jinja(template: ChatTemplate) -> str:
         "{%- if add_generation_prompt -%}{{- " + _lit(template.assistant_header) + " -}}{%- endif -%}",
     ]
     return "".join(parts)
+
+
+def wrap_model_template(template) -> str:
+    """The Jinja chat template rendering what the `auto` template (data/auto_template.py) renders: the model's own
+    Jinja, after a prelude that rewrites `messages` as training saw them.
+
+    The prelude turns each message's content into a string (processor-format lists read in order, `{"type":
+    "image"}` as `<image>`), moves a user turn's images to its start, each followed by "\\n" (LLaVA's placement,
+    `images_first`), and adds the run's `model.system_prompt` as a system message when the conversation has none.
+    Where the tokenizer adds BOS itself, `bos_token` is emptied for the model's Jinja, as `auto` drops the template's
+    textual BOS: `processor(text=rendered)` then gives exactly our ids (with BOS written by the template and added
+    by the tokenizer, a Llama-3 prompt would start with two). hf_llava.check_rendering checks the result at export.
+    """
+    jinja = template.tokenizer.chat_template
+    if isinstance(jinja, dict):
+        jinja = jinja.get("default")
+    to_string = _READ_CONTENT.replace("{%- set n_images = text.count(IMG) -%}", "")
+    prelude = [
+        "{%- set IMG = " + _lit(IMAGE_PLACEHOLDER) + " -%}\n",
+        "{%- set _llava = namespace(messages=[]) -%}\n",
+    ]
+    if template.system:
+        prelude.append("{%- if not messages or messages[0]['role'] != 'system' -%}"
+                       "{%- set _llava.messages = [{'role': 'system', 'content': " + _lit(template.system) + "}] -%}"
+                       "{%- endif -%}\n")
+    prelude += [
+        "{%- for message in messages -%}\n" + to_string + "\n",
+        "{%- set n_images = text.count(IMG) -%}\n",
+        "{%- if message['role'] == 'user' and n_images > 0 -%}",
+        "{%- set text = ((" + _lit(IMAGE_PLACEHOLDER + "\n") + " * n_images + text.replace(IMG, '').strip()).strip()) -%}",
+        "{%- endif -%}\n",
+        "{%- set _llava.messages = _llava.messages + [{'role': message['role'], 'content': text}] -%}\n",
+        "{%- endfor -%}\n",
+        "{%- set messages = _llava.messages -%}\n",
+    ]
+    if template.bos_text:
+        prelude.append("{%- set bos_token = '' -%}\n")
+    return "".join(prelude) + jinja

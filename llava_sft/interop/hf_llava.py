@@ -9,7 +9,10 @@ What maps to what:
                           ACT2FN, 4.x and 5.x): linear_1 = our Linear, linear_2 = the identity matrix, zero bias
                           (x @ I adds only exact zeros: the features are ours to the bit)
     LLM                -> `model.language_model` + `lm_head`
-    tokenizer          -> + an `<image>` special token (the processor's placeholder) and our chat template as Jinja
+    tokenizer          -> + an `<image>` special token (the processor's placeholder) and the run's chat template as
+                          Jinja: ours (chat_template.to_jinja), or for `auto` the model's own wrapped to place images
+                          and the system prompt as training did (chat_template.wrap_model_template); the rendering of
+                          probe conversations is checked against ours at export
     preprocessing      -> `LlavaImageProcessor`: `square` = resize shortest side + centre crop; `pad` = `do_pad`
                           (pad to a square with the mean colour, int(mean * 255), as ours) then the same
     stop strings       -> `generation_config.eos_token_id`
@@ -37,7 +40,7 @@ import torch
 from llava_sft.constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from llava_sft.data.templates import ChatTemplate, get_template
 from llava_sft.data.tokenize import tokenize_with_images
-from llava_sft.interop.chat_template import to_jinja
+from llava_sft.interop.chat_template import to_jinja, wrap_model_template
 from llava_sft.interop.clip_convert import UnsupportedConversion, openclip_to_hf_clip_config, openclip_to_hf_clip_state
 from llava_sft.model.llava import DTYPES, LlavaModel
 
@@ -193,13 +196,32 @@ def image_processor_for(saved_image: dict):
     )
 
 
+PROBES = [("<image>\nWhat is in the image?", ()), ("Describe it. <image>", ()), ("Hello! How are you?", ()),
+          ("<image>\n<image>\nCompare the two images, please.", ()), ("Is it red?\nAnswer yes or no.", ()),
+          ("What now?", (("<image>\nWhat is it?", "A cat on a table."),))]
+
+
 def probe_prompts(template: ChatTemplate) -> list[str]:
     """Prompts the exported tokenizer must tokenize as ours (checked at export)."""
-    questions = ["<image>\nWhat is in the image?", "Describe it. <image>", "Hello! How are you?",
-                 "<image>\n<image>\nCompare the two images, please.", "Is it red?\nAnswer yes or no."]
-    prompts = [template.generation_prompt(q) for q in questions]
-    prompts.append(template.generation_prompt("What now?", history=[("<image>\nWhat is it?", "A cat on a table.")]))
-    return prompts
+    return [template.generation_prompt(question, list(history)) for question, history in PROBES]
+
+
+def check_rendering(processor, template: ChatTemplate) -> None:
+    """The processor's chat template must render each probe conversation, in the processor's message format (an
+    image item, a text item), as our template renders it."""
+    for question, history in PROBES:
+        messages = []
+        for user, reply in [*history, (question, None)]:
+            items = [{"type": "image"}] * user.count(IMAGE_PLACEHOLDER)
+            messages.append({"role": "user", "content": items + [{"type": "text",
+                                                                  "text": user.replace(IMAGE_PLACEHOLDER, "")}]})
+            if reply is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+        theirs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ours = template.generation_prompt(question, list(history))
+        if theirs != ours:
+            raise UnsupportedConversion(f"the exported chat template renders {messages!r} as {theirs!r}, training "
+                                        f"rendered {ours!r}: an HF user would prompt the model in another format")
 
 
 def check_tokenization(processor, tokenizer, template: ChatTemplate, tokens_per_image: int) -> None:
@@ -227,11 +249,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     model, tokenizer, saved = LlavaModel.from_pretrained(model_dir, device="cpu")
     check_exportable(model)
     name = saved.get("template") or saved["model"]["template"]
-    if name == "auto":
-        raise UnsupportedConversion("a model trained with template 'auto' (the tokenizer's own chat template): its "
-                                    "processor would need that template to place images as training did, which the "
-                                    "export does not write yet; generate with python -m llava_sft.generate")
-    template = get_template(name, saved["model"].get("system_prompt"))
+    template = get_template(name, saved["model"].get("system_prompt"), tokenizer=tokenizer)
+    jinja = wrap_model_template(template) if name == "auto" else to_jinja(template)  # before <image> is added
     stops = stop_token_ids(tokenizer, template)
     old_vocab = model.llm_vocab_size
     image_id, vocab = add_image_token(tokenizer, old_vocab)
@@ -250,7 +269,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=[image_id] if image_id >= old_vocab else None,
     )
-    tokenizer.chat_template = to_jinja(template)
+    tokenizer.chat_template = jinja
     # a generic PreTrainedTokenizerFast (byte-level tokenizers: Llama-3, Qwen) also returns token_type_ids, which
     # LlavaForConditionalGeneration.generate refuses ("model_kwargs are not used by the model")
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
@@ -265,7 +284,9 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        check_tokenization(AutoProcessor.from_pretrained(tmp), tokenizer, template, model.tokens_per_image)
+        reloaded = AutoProcessor.from_pretrained(tmp)
+        check_rendering(reloaded, template)
+        check_tokenization(reloaded, tokenizer, template, model.tokens_per_image)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

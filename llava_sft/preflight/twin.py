@@ -74,7 +74,19 @@ def make_tokenizer(cfg, texts: list[str], out_dir: Path):
     if real:
         return load_tokenizer(real, use_fast=cfg.model.tokenizer_use_fast), f"the real tokenizer ({real})"
     path = train_llama_tokenizer(texts, out_dir / "tokenizer_standin")
-    return load_tokenizer(str(path), use_fast=False), "a stand-in SentencePiece Llama tokenizer (legacy, pad = unk)"
+    tokenizer = load_tokenizer(str(path), use_fast=False)
+    what = "a stand-in SentencePiece Llama tokenizer (legacy, pad = unk)"
+    if "auto" in (cfg.data.template, cfg.model.template):
+        # `auto` renders with the tokenizer's own chat template, which only the real tokenizer has: the stand-in
+        # carries Vicuna v1's format as Jinja, so the rehearsal runs the auto code path (spans found from the
+        # template, end-of-turn </s> supervised) on a template of known shape
+        from llava_sft.data.templates import get_template
+        from llava_sft.interop.chat_template import to_jinja
+
+        tokenizer.chat_template = to_jinja(get_template("vicuna_v1"))
+        what += (" carrying Vicuna v1's format as its chat_template for template=auto (the model's own template "
+                 "is checked against the data when the real run starts)")
+    return tokenizer, what
 
 
 def twin_llm_config(real: dict, vocab_size: int) -> dict:
