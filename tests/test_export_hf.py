@@ -13,8 +13,8 @@ from llava_sft.config import from_dict
 from llava_sft.constants import IMAGE_TOKEN_INDEX
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import get_template, list_templates
-from llava_sft.data.tokenizer_train import demo_corpus, make_chatml_style_tokenizer, make_llama3_style_tokenizer
 from llava_sft.data.tokenize import tokenize_prompt
+from llava_sft.data.tokenizer_train import demo_corpus, make_chatml_style_tokenizer, make_llama3_style_tokenizer
 from llava_sft.export import main as export_main
 from llava_sft.interop.chat_template import to_jinja
 from llava_sft.interop.hf_llava import image_processor_for
