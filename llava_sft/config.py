@@ -68,7 +68,11 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     tokenizer: str | None = None  # tokenizer directory; defaults to llm.path
     tokenizer_use_fast: bool = False  # LLaVA uses the slow SentencePiece Llama tokenizer
-    image_aspect: str = "pad"  # "pad" (LLaVA-1.5) or "square" (resize + centre crop, LLaVA v1)
+    image_aspect: str = "pad"  # "pad" (LLaVA-1.5), "square" (LLaVA v1), "anyres" (LLaVA-1.6), "anyres_max_N" (OneVision)
+    # AnyRes (data/anyres.py): the grid resolutions as [width, height] pixel pairs (multiples of the tower's input
+    # size) or LLaVA-NeXT's "(1x1),...,(6x6)"; null = LLaVA-1.6's 1x2, 2x1, 2x2, 3x1, 1x3 tiles
+    image_grid_pinpoints: list | str | None = None
+    unpad_rounding: str = "reference"  # AnyRes unpad: "reference" truncates (LLaVA), "hf" rounds (transformers)
     template: str = "vicuna_v1"  # chat template used at inference
     system_prompt: str | None = None  # overrides the chat template's system prompt (training and inference)
     lora: LoraSettings | None = None  # LoRA / QLoRA adapters on the LLM (see model/lora.py); None = full weights
@@ -240,7 +244,7 @@ CHOICES = {
     "data.control_strings": ("refuse", "keep"),
     "data.loss_on": ("replies", "all"),
     "data.check_images_at_start": ("header", "decode", "stat", "off"),
-    "model.image_aspect": ("pad", "square"),
+    "model.unpad_rounding": ("reference", "hf"),
     "model.llm.dtype": ("float32", "bfloat16", "float16"),
     "model.llm.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "model.vision.select_feature": ("patch", "cls_patch"),
@@ -287,6 +291,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     errors += _numeric_string_errors("model.vision.model_kwargs", cfg.model.vision.model_kwargs)
     errors += _engine_errors(cfg.train, bool(cfg.model.lora and cfg.model.lora.quantize))
     errors += _data_errors(cfg.data)
+    errors += _image_errors(cfg)
     if cfg.data.packing and cfg.train.loss_normalization == "micro_batch_mean":
         errors.append("train.loss_normalization=micro_batch_mean cannot go with data.packing=true: packing decides "
                       "which samples share a forward pass, so a per-micro-batch mean would weigh tokens by how they "
@@ -340,6 +345,26 @@ def _numeric_string_errors(key: str, value) -> list[str]:
             return [f"{key}={value!r} is a string that reads as a number: YAML reads 1e-6 (no dot) as a string; "
                     f"write it with a dot and a signed exponent ({number:.1e})"]
     return []
+
+
+def _image_errors(cfg: RunConfig) -> list[str]:
+    import re
+
+    aspect = cfg.model.image_aspect
+    if aspect not in ("pad", "square", "anyres") and not re.fullmatch(r"anyres_max_[1-9]\d*", str(aspect)):
+        close = difflib.get_close_matches(str(aspect).lower(), ("pad", "square", "anyres", "anyres_max_9"), n=1)
+        return [f"model.image_aspect={aspect!r} is not one of pad, square, anyres, anyres_max_N (N >= 1)"
+                + (f" (did you mean {close[0]!r}?)" if close else "")]
+    if not str(aspect).startswith("anyres"):
+        return []
+    errors = []
+    if cfg.model.vision.select_feature != "patch":
+        errors.append(f"model.image_aspect={aspect} needs model.vision.select_feature=patch: the tiles' features are "
+                      f"stitched into one grid of patch tokens (LLaVA-NeXT drops CLS)")
+    if cfg.data.shards:
+        errors.append(f"model.image_aspect={aspect} does not read data.shards yet (each image's token count comes "
+                      f"from its size, which the shard reader does not pass on): use data.path")
+    return errors
 
 
 def _data_errors(data: DataConfig) -> list[str]:

@@ -66,8 +66,8 @@ class Answerer:
         for row, tokens in enumerate(token_lists):  # left padding
             input_ids[row, length - len(tokens):] = torch.tensor(tokens)
             attention[row, length - len(tokens):] = 1
-        pixels = [self.processor(img) for img in images if img is not None]
-        pixels = torch.stack(pixels).to(self.device) if pixels else None
+        tiled = [self.processor.tiles(img) for img in images if img is not None]  # AnyRes: several tiles each
+        pixels = torch.cat([t for t, _, _ in tiled]).to(self.device) if tiled else None
         gen = {"max_new_tokens": max_new_tokens, "eos_token_id": self.stop_ids, "pad_token_id": pad}
         if temperature > 0:
             if seed is not None:
@@ -75,7 +75,8 @@ class Answerer:
             gen.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(input_ids.to(self.device), attention.to(self.device), pixels, **gen)
+        out = self.model.generate(input_ids.to(self.device), attention.to(self.device), pixels,
+                                  image_sizes=[size for _, size, _ in tiled], **gen)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
 

@@ -43,5 +43,5 @@ def test_pad_puts_the_image_on_a_mean_colour_canvas():
 
 
 def test_unknown_aspect_is_an_error():
-    with pytest.raises(ValueError, match="pad' or 'square"):
+    with pytest.raises(ValueError, match="'pad', 'square', 'anyres' or 'anyres_max_N'"):
         ImageProcessor(20, MEAN, STD, "stretch")

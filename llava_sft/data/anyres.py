@@ -33,6 +33,7 @@ from PIL import Image
 
 # LLaVA-1.6's pinpoints (the released llava-v1.6 checkpoints' config.json `image_grid_pinpoints`), (width, height)
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+LLAVA_NEXT_GRIDS = tuple((w // 336, h // 336) for w, h in LLAVA_NEXT_PINPOINTS)  # in tiles: any tower's default
 UNPAD_ROUNDING = ("reference", "hf")
 
 
@@ -155,3 +156,20 @@ class AnyRes:
     def image_tokens(self, size: tuple[int, int]) -> int:
         rows, cols = self.merged_shape(size)
         return self.side ** 2 + rows * (cols + 1)
+
+
+def image_token_counts(sizes: list, tokens_per_image: int, layout: AnyRes | None) -> list[int]:
+    """Feature tokens of each image of a sample: `tokens_per_image` each without AnyRes; with it, from each image's
+    (width, height), or `side^2 + 1` for an image given one `pad` view (size None: several images in a sample)."""
+    if layout is None:
+        return [tokens_per_image] * len(sizes)
+    return [layout.side ** 2 + 1 if size is None else layout.image_tokens(tuple(size)) for size in sizes]
+
+
+def layout_for(aspect: str, tile: int, side: int, pinpoints=None, unpad_rounding: str = "reference") -> AnyRes | None:
+    """The AnyRes layout of an image aspect (None for `pad` / `square`): `pinpoints` as in the config
+    (`model.image_grid_pinpoints`), default LLaVA-1.6's grids at this tower's tile size."""
+    if not is_anyres(aspect):
+        return None
+    spec = pinpoints or [[w * tile, h * tile] for w, h in LLAVA_NEXT_GRIDS]
+    return AnyRes(tile, side, tuple(grid_pinpoints(spec, tile)), parse_aspect(aspect), unpad_rounding)

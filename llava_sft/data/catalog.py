@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 from llava_sft.constants import IMAGE_PLACEHOLDER
+from llava_sft.data.anyres import image_token_counts
 from llava_sft.data.templates import BadSampleError, ChatTemplate
 from llava_sft.preemption import ignore_in_worker
 
@@ -74,6 +75,7 @@ class StartupSettings:
     overlong: str
     control_strings: str
     check_images: str
+    anyres: object = None  # data/anyres.AnyRes: each image's token count from its size (read from its header)
 
 
 # ------------------------------------------------------------------------------ the result
@@ -137,7 +139,7 @@ class Checked:
     truncate: bool = False  # longer than max_length; truncation keeps it
 
 
-_JOB: tuple | None = None  # (records, settings, exact) for forked workers: inherited, not pickled
+_JOB: tuple | None = None  # (records, settings, exact, image folder) for forked workers: inherited, not pickled
 
 
 def check_record(i: int, exact: bool = False) -> Checked:
@@ -145,7 +147,7 @@ def check_record(i: int, exact: bool = False) -> Checked:
     from llava_sft.data.dataset import control_string_problem, fit_length, image_list  # dataset imports us
     from llava_sft.data.tokenize import tokenize_conversation, tokenize_with_images
 
-    records, s = _JOB[0], _JOB[1]
+    records, s, folder = _JOB[0], _JOB[1], _JOB[3]
     record = records[i]
     sample_id = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
     out = Checked()
@@ -158,9 +160,11 @@ def check_record(i: int, exact: bool = False) -> Checked:
         if problem and s.control_strings == "refuse":
             raise BadSampleError(sample_id, problem)
         out.control, out.images = bool(problem), tuple(names)
+        counts = image_token_counts(image_sizes(names, folder, sample_id) if s.anyres else names,
+                                    s.tokens_per_image, s.anyres)
         out.approx = (sum(len(t["value"].split()) for t in record["conversations"])
-                      + s.tokens_per_image * len(names))  # LLaVA's length estimate for batching by length
-        text, extra = "".join(seg.text for seg in segments), (s.tokens_per_image - 1) * len(names)
+                      + sum(counts))  # LLaVA's length estimate for batching by length
+        text, extra = "".join(seg.text for seg in segments), sum(c - 1 for c in counts)
         bound = token_bound(text)
         if exact or i < CALIBRATION or bound + extra > s.max_length:  # the bound does not settle it: count
             out.tokenized = True
@@ -169,11 +173,25 @@ def check_record(i: int, exact: bool = False) -> Checked:
             if length + extra > s.max_length:  # over the limit: exactly what the loader will do with it
                 ids, labels = tokenize_conversation(record["conversations"], s.tokenizer, s.template,
                                                     num_images=len(names), sample_id=sample_id)
-                fit_length(ids, labels, s.max_length, s.tokens_per_image, s.overlong, sample_id)
+                fit_length(ids, labels, s.max_length, counts, s.overlong, sample_id)
                 out.truncate = True
     except BadSampleError as e:
         out.problem = e
     return out
+
+
+def image_sizes(names: list[str], folder: Path, sample_id) -> list:
+    """AnyRes: an image alone in its sample is tiled by its size, read from its header (no decoding); several
+    images in one sample get one view each (None)."""
+    if len(names) != 1:
+        return [None] * len(names)
+    try:
+        with Image.open(folder / names[0]) as image:
+            return [image.size]
+    except FileNotFoundError:
+        raise BadSampleError(sample_id, f"missing image file: {folder / names[0]}") from None
+    except Exception as e:  # PIL raises many kinds for unreadable headers
+        raise BadSampleError(sample_id, f"corrupt image: {folder / names[0]} ({type(e).__name__}: {e})") from None
 
 
 def _check_range(bounds: tuple[int, int]) -> list[Checked]:
@@ -237,14 +255,14 @@ def build(records: list, image_folder: Path, s: StartupSettings) -> Catalog:
                 problems[i] = BadSampleError(record["id"], f"duplicate id (record #{i}; the first was record "
                                                            f"#{first_at[sample_id]})")
             first_at.setdefault(sample_id, i)
-    _JOB = (records, s, False)
+    _JOB = (records, s, False, image_folder)
     try:
         checked = check_all([i for i in range(n) if i not in problems], exact=False)
         over = next((i for i in sorted(checked) if checked[i].above_bound), None)
         if over is not None:  # the bound does not hold for this tokenizer (module docstring): count every sample
             log.warning("the tokenizer gives more tokens than the start-up bound for sample %r: tokenizing every "
                         "sample at start-up", records[over]["id"])
-            _JOB = (records, s, True)
+            _JOB = (records, s, True, image_folder)
             checked.update(check_all([i for i in checked if not checked[i].tokenized], exact=True))
     finally:
         _JOB = None
@@ -345,7 +363,7 @@ def cache_key(json_path: Path, image_folder: Path, s: StartupSettings) -> str:
     stat = json_path.stat()
     parts = [FORMAT, str(json_path.resolve()), stat.st_size, stat.st_mtime_ns, file_sha256(json_path),
              str(Path(image_folder).resolve()), tokenizer_fingerprint(s.tokenizer), repr(s.template),
-             s.tokens_per_image, s.max_length, s.overlong, s.control_strings, s.check_images]
+             s.tokens_per_image, s.max_length, s.overlong, s.control_strings, s.check_images, repr(s.anyres)]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_sft.data.anyres import image_token_counts
 from llava_sft.data.catalog import OK, Catalog, StartupSettings, prepare
 from llava_sft.data.images import ImageProcessor
 from llava_sft.data.templates import BadSampleError, ChatTemplate
@@ -161,7 +162,7 @@ class LlavaJsonDataset(Dataset):
         # data.cache_samples: index -> the sample as first loaded (the collators copy out of it, never into it)
         self._cache: dict[int, dict] | None = {} if cache_samples else None
         settings = StartupSettings(template, tokenizer, tokens_per_image, max_length, overlong, control_strings,
-                                   check_images)
+                                   check_images, image_processor.anyres)
         catalog = prepare(json_path, self.image_folder, settings, cache_dir, startup_cache, read=read_records)
         problems = catalog.problems()
         if problems and self.bad_samples == "error":
@@ -218,31 +219,41 @@ class LlavaJsonDataset(Dataset):
 
     def _load(self, record: dict, sample_id) -> dict:
         names = image_list(record)
-        loaded = [self._load_image(name, sample_id) for name in names]
-        images = [pixels for pixels, _ in loaded]
+        loaded = [self._load_image(name, sample_id, alone=len(names) == 1) for name in names]
         ids, labels = tokenize_conversation(
-            record["conversations"], self.tokenizer, self.template, num_images=len(images), sample_id=sample_id
+            record["conversations"], self.tokenizer, self.template, num_images=len(names), sample_id=sample_id
         )
-        ids, labels, truncated = fit_length(ids, labels, self.max_length, self.tokens_per_image, self.overlong, sample_id)
-        pixels = torch.stack(images) if images else torch.zeros(0, 3, self.image_processor.size, self.image_processor.size)
+        sizes = [size for _, size, _ in loaded]
+        counts = image_token_counts(sizes, self.tokens_per_image, self.image_processor.anyres)
+        ids, labels, truncated = fit_length(ids, labels, self.max_length, counts, self.overlong, sample_id)
+        size = self.image_processor.size
+        pixels = torch.cat([p for p, _, _ in loaded]) if loaded else torch.zeros(0, 3, size, size)
         return {"id": str(sample_id), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "images": pixels, "truncated": truncated, "converted": sum(c for _, c in loaded)}
+                "images": pixels, "image_sizes": sizes, "image_tokens": torch.tensor(counts, dtype=torch.long),
+                "truncated": truncated, "converted": sum(c for _, _, c in loaded)}
 
-    def _load_image(self, name: str, sample_id) -> torch.Tensor:
+    def _load_image(self, name: str, sample_id, alone: bool = True):
+        """(pixels [k, 3, S, S], size for AnyRes tiles or None, converted): ImageProcessor.tiles."""
         path = self.image_folder / name
         try:
             with Image.open(path) as image:
                 image.load()
-                return self.image_processor.process(image)
+                return self.image_processor.tiles(image, alone)
         except FileNotFoundError:
             raise BadSampleError(sample_id, f"missing image file: {path}") from None
         except Exception as e:  # PIL raises many kinds for corrupt files
             raise BadSampleError(sample_id, f"corrupt image: {path} ({type(e).__name__}: {e})") from None
 
 
-def fit_length(ids: list[int], labels: list[int], max_length: int, tokens_per_image: int, overlong: str, sample_id="?"):
-    """Apply the over-long policy (see module docstring) -> (ids, labels, truncated?) or BadSampleError."""
-    extra = (tokens_per_image - 1) * ids.count(IMAGE_TOKEN_INDEX)
+def fit_length(ids: list[int], labels: list[int], max_length: int, image_tokens: int | list[int], overlong: str,
+               sample_id="?"):
+    """Apply the over-long policy (see module docstring) -> (ids, labels, truncated?) or BadSampleError.
+    `image_tokens`: the feature tokens of every image, or of each (AnyRes: they differ)."""
+    n_images = ids.count(IMAGE_TOKEN_INDEX)
+    counts = [image_tokens] * n_images if isinstance(image_tokens, int) else list(image_tokens)
+    if len(counts) != n_images:
+        raise BadSampleError(sample_id, f"{n_images} image placeholder(s) in the tokens but {len(counts)} image(s)")
+    extra = sum(t - 1 for t in counts)
     expanded = len(ids) + extra
     if expanded <= max_length:
         return ids, labels, False
@@ -278,6 +289,15 @@ class Collator:
         for row, s in enumerate(kept):
             n = len(s["input_ids"])
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s["input_ids"], s["labels"], 1
-        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                     images=torch.cat([s["images"] for s in kept]))
+        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask, **image_fields(kept))
         return batch
+
+
+def image_fields(samples: list[dict]) -> dict:
+    """The batch's images, in order of appearance: all tiles, each image's size (AnyRes; None: one view) and each
+    image's feature-token count."""
+    return {"images": torch.cat([s["images"] for s in samples]),
+            "image_sizes": [size for s in samples for size in s.get("image_sizes", [None] * len(s["images"]))],
+            # None: samples built without counts (tests, tools): every image counts the model's tokens_per_image
+            "image_tokens": torch.cat([s["image_tokens"] for s in samples])
+            if all("image_tokens" in s for s in samples) else None}

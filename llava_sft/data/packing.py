@@ -24,11 +24,26 @@ from __future__ import annotations
 import torch
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_sft.data.dataset import image_fields
 
 
-def expanded_length(input_ids: torch.Tensor, tokens_per_image: int) -> int:
-    """Sequence length of one sample after each image placeholder becomes `tokens_per_image` tokens."""
-    return len(input_ids) + (tokens_per_image - 1) * int(input_ids.eq(IMAGE_TOKEN_INDEX).sum())
+def expanded_length(input_ids: torch.Tensor, image_tokens) -> int:
+    """Sequence length of one sample after each image placeholder becomes its feature tokens (`image_tokens`: one
+    count for every image, or a tensor with each image's: AnyRes)."""
+    n = int(input_ids.eq(IMAGE_TOKEN_INDEX).sum())
+    extra = (image_tokens - 1) * n if isinstance(image_tokens, int) else int((image_tokens - 1).sum())
+    return len(input_ids) + extra
+
+
+def image_extra(batch: dict, tokens_per_image: int) -> torch.Tensor:
+    """[B, L]: at each real image placeholder, the tokens it adds when expanded (its count - 1); else 0. Counts
+    from the batch's `image_tokens` (in order of appearance, row-major), else `tokens_per_image` each."""
+    ids = batch["input_ids"]
+    is_image = ids.eq(IMAGE_TOKEN_INDEX) & batch["attention_mask"].ne(0)
+    extra = torch.zeros_like(ids)
+    counts = batch.get("image_tokens")
+    extra[is_image] = (counts.to(ids.device) - 1) if counts is not None else tokens_per_image - 1
+    return extra
 
 
 def pack_rows(lengths: list[int], budget: int) -> list[list[int]]:
@@ -76,7 +91,8 @@ class PackingCollator:
         kept = [s for s in samples if "skip" not in s]
         report = {"skipped": [(s["id"], s["skip"]) for s in samples if "skip" in s],
                   "truncated": sum(s["truncated"] for s in kept), "converted": sum(s.get("converted", 0) for s in kept)}
-        rows = pack_rows([expanded_length(s["input_ids"], self.tokens_per_image) for s in kept], self.max_tokens)
+        rows = pack_rows([expanded_length(s["input_ids"], s.get("image_tokens", self.tokens_per_image)) for s in kept],
+                         self.max_tokens)
         groups = [rows[i:i + self.rows_per_micro_batch] for i in range(0, len(rows), self.rows_per_micro_batch)]
         micro = [self.collate_rows([[kept[i] for i in row] for row in group]) for group in groups]
         if not micro:  # every sample was skipped
@@ -100,8 +116,8 @@ class PackingCollator:
                 labels[r, at] = IGNORE_INDEX
                 at += n
         flat = [s for row in rows for s in row]
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": segments,
-                "images": torch.cat([s["images"] for s in flat]), "ids": [s["id"] for s in flat]}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": segments, **image_fields(flat),
+                "ids": [s["id"] for s in flat]}
 
 
 def token_counts(batch: dict, tokens_per_image: int) -> tuple[int, int]:
@@ -110,5 +126,5 @@ def token_counts(batch: dict, tokens_per_image: int) -> tuple[int, int]:
     if "input_ids" not in batch or not batch["ids"]:
         return 0, 0
     real = batch["attention_mask"].ne(0)
-    per_row = real.sum(dim=1) + (tokens_per_image - 1) * (batch["input_ids"].eq(IMAGE_TOKEN_INDEX) & real).sum(dim=1)
+    per_row = real.sum(dim=1) + image_extra(batch, tokens_per_image).sum(dim=1)
     return int(per_row.sum()), int(per_row.max()) * per_row.numel()

@@ -291,7 +291,8 @@ class ShardDataset(IterableDataset):
         size = self.image_processor.size
         pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size)
         return {"id": str(sample_id), "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "images": pixels, "truncated": truncated, "converted": converted}
+                "images": pixels, "image_sizes": [None] * len(images), "image_tokens": torch.full((len(images),), self.tokens_per_image, dtype=torch.long),
+                "truncated": truncated, "converted": converted}
 
 
 def read_shard(path: Path, positions: list[int], expected: int | None = None):

@@ -31,6 +31,8 @@ from tqdm import tqdm
 
 from llava_sft.config import RunConfig, load_config
 from llava_sft.constants import IMAGE_TOKEN_INDEX
+from llava_sft.data.anyres import image_token_counts, layout_for
+from llava_sft.data.catalog import image_sizes
 from llava_sft.data.dataset import fit_length, image_list, read_records
 from llava_sft.data.templates import BadSampleError, get_template
 from llava_sft.data.tokenize import tokenize_conversation
@@ -49,6 +51,11 @@ def _examples(kind: str, found: list[tuple[int, str, str]]) -> list[dict]:
 
 def tokens_per_image(cfg: RunConfig) -> int:
     """From the open_clip architecture (no weights needed)."""
+    return tower_geometry(cfg)[1]
+
+
+def tower_geometry(cfg: RunConfig) -> tuple[int, int]:
+    """(input size in pixels, feature tokens per image) from the open_clip architecture (no weights needed)."""
     import open_clip
 
     vision = cfg.model.vision
@@ -60,7 +67,7 @@ def tokens_per_image(cfg: RunConfig) -> int:
     size, patch = arch["vision_cfg"]["image_size"], arch["vision_cfg"]["patch_size"]
     size = size[0] if isinstance(size, (list, tuple)) else size
     n = (size // patch) ** 2
-    return n + 1 if vision.select_feature == "cls_patch" else n
+    return size, n + 1 if vision.select_feature == "cls_patch" else n
 
 
 def _decodes(path: str) -> str | None:
@@ -82,7 +89,9 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
     folder = Path(data.image_folder)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.llm.path, use_fast=cfg.model.tokenizer_use_fast)
     template = get_template(data.template, cfg.model.system_prompt, data.loss_on, tokenizer)
-    per_image = tokens_per_image(cfg)
+    tile, per_image = tower_geometry(cfg)
+    layout = layout_for(cfg.model.image_aspect, tile, int(round(per_image ** 0.5)), cfg.model.image_grid_pinpoints,
+                        cfg.model.unpad_rounding)  # AnyRes: each image's tokens from its size (header)
     records = read_records(data.path)
 
     # problems[kind] = [(record index, sample id, detail)]; the index (ids may repeat) counts affected samples
@@ -113,12 +122,18 @@ def validate(cfg: RunConfig, decode_images: bool = False, workers: int = 4, prog
             elif decode_images:
                 to_decode.append((i, sample_id, str(path)))
         n_img = ids.count(IMAGE_TOKEN_INDEX)
+        counts = [per_image] * n_img
+        if layout is not None and all((folder / name).is_file() for name in images):
+            try:
+                counts = image_token_counts(image_sizes(images, folder, sample_id), per_image, layout)
+            except BadSampleError as e:
+                problems["corrupt"].append((i, sample_id, e.reason))
         text_lens.append(len(ids) - n_img)
-        image_lens.append(n_img * per_image)
+        image_lens.append(sum(counts))
         totals.append(text_lens[-1] + image_lens[-1])
         if totals[-1] > data.max_length:
             try:
-                fit_length(ids, labels, data.max_length, per_image, data.overlong, sample_id)
+                fit_length(ids, labels, data.max_length, counts, data.overlong, sample_id)
                 problems["overlong"].append((i, sample_id, f"{totals[-1]} tokens: truncated to {data.max_length}"))
             except BadSampleError as e:
                 problems["overlong_dropped"].append((i, sample_id, e.reason))

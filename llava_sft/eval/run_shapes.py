@@ -104,6 +104,9 @@ def attention_lookup(answerer: Answerer, data: Path, last: int = 8, min_mass: fl
     from the token that predicts the answer (0) and `token` is that token in the type's last question (the
     templates end alike). Read with eager attention, which returns the weights; the model's own is restored."""
     model, tokenizer = answerer.model, answerer.tokenizer
+    if getattr(model, "anyres", None) is not None:
+        print("lookup: not measured, an AnyRes model's images are tiled (the demo's grid: 9 tokens of one view)")
+        return {}
     meta = {m["image"]: m["shapes"] for m in load_jsonl(data / "meta.jsonl") if m["split"] == "eval"}
     answers = {int(a["question_id"]): a["answer"] for a in load_jsonl(data / "eval" / "answers.jsonl")}
     sums: dict[str, list] = {}  # category -> [share sum [L,H,K], mass sum [L,H,K], chance sum, n, tokens]

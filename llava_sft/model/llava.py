@@ -2,7 +2,7 @@
 
 A saved model directory (what Stage 2 writes and `generate` loads) holds:
     llava_config.json       model config + image preprocessing + chat template (everything inference needs)
-    projector.safetensors   projector weights
+    projector.safetensors   projector weights (and, for AnyRes, `image_newline`: model/anyres.py)
     vision_tower.safetensors  the (frozen) vision tower weights, so the directory is self-contained
     llm/                    the causal LM and its tokenizer (Hugging Face `save_pretrained`); after a LoRA
                             run only the adapter + tokenizer, the base LLM being `model.llm.path` (see lora.py)
@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llava_sft.config import LLMConfig, ModelConfig, VisionConfig, from_dict
+from llava_sft.data.anyres import AnyRes, image_token_counts, is_anyres, layout_for
 from llava_sft.data.sentencepiece_llama import save_tokenizer
+from llava_sft.model.anyres import merge_tiles, single_tile
 from llava_sft.model.lora import attach_lora, is_adapter_param, is_lora, load_lora, quantization_config
 from llava_sft.model.loss import loss_sum
 from llava_sft.model.packed_attention import llm_inputs
@@ -36,6 +38,18 @@ CONFIG_FILE, PROJECTOR_FILE, VISION_FILE, LLM_DIR = "llava_config.json", "projec
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NEWLINE_KEY = "image_newline"  # its name in projector.safetensors (the reference's `model.image_newline`)
+
+
+def anyres_layout(cfg: ModelConfig, tower) -> AnyRes | None:
+    """The AnyRes layout of a model config on its tower (None for `pad` / `square`)."""
+    if not is_anyres(cfg.image_aspect):
+        return None
+    side = int(round(tower.num_tokens ** 0.5))
+    if side * side != tower.num_tokens:
+        raise ValueError(f"model.image_aspect={cfg.image_aspect} needs a square grid of patch tokens per tile; "
+                         f"the tower gives {tower.num_tokens}")
+    return layout_for(cfg.image_aspect, tower.image_size, side, cfg.image_grid_pinpoints, cfg.unpad_rounding)
 
 
 def build_llm(cfg: LLMConfig, quantization=None) -> nn.Module:
@@ -122,6 +136,13 @@ class LlavaModel(nn.Module):
         self.llm = llm if llm is not None else build_llm(cfg.llm, quantization_config(cfg.lora, DTYPES[cfg.llm.dtype]))
         self.llm.config.use_cache = False
         self.projector = build_projector(cfg.projector, self.vision_tower.hidden_size, self.llm_hidden_size)
+        self.anyres = anyres_layout(cfg, self.vision_tower)
+        if self.anyres is not None:  # llava_arch.py: randn / sqrt(hidden), a new parameter of Stage 2; drawn from
+            # the run's seed alone (not the global stream, whose position differs when ZeRO-3 loads the LLM
+            # partitioned), so that every engine starts from the same newline
+            hidden = self.llm_hidden_size
+            generator = torch.Generator().manual_seed(torch.initial_seed())
+            self.image_newline = nn.Parameter(torch.randn(hidden, generator=generator) / hidden ** 0.5)
         self.supervised_logits_only = True  # model/loss.py; False computes the logits at every position
         self.text_only_anchor = "modules"  # what a text-only micro-batch runs for the engine (_text_only_anchor)
 
@@ -150,7 +171,12 @@ class LlavaModel(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
+        """Feature tokens of one image (`pad`, `square`) or of one tile (AnyRes: see `image_tokens`)."""
         return self.vision_tower.num_tokens
+
+    def image_tokens(self, sizes: list) -> list[int]:
+        """Feature tokens of each image of a sample, from the sizes its processor reported (None: one tile)."""
+        return image_token_counts(sizes, self.tokens_per_image, self.anyres)
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -160,28 +186,44 @@ class LlavaModel(nn.Module):
         proj_dtype = next(self.projector.parameters(), feats).dtype
         return self.projector(feats.to(proj_dtype))
 
-    def embed(self, input_ids, attention_mask, images=None, labels=None, padding_side="right"):
-        features = self.encode_images(images) if images is not None and images.shape[0] > 0 else None
+    def image_features(self, images: torch.Tensor, image_sizes: list | None = None):
+        """[N,3,H,W] pixels -> [N, tokens_per_image, llm_hidden]; for AnyRes the tiles of all images in order and
+        each image's size (None for a one-tile image) -> a list of [tokens_i, llm_hidden] (model/anyres.py)."""
+        features = self.encode_images(images)
+        if self.anyres is None:
+            return features
+        if image_sizes is None:
+            raise ValueError("an AnyRes model needs image_sizes (each image's (width, height), None for one tile)")
+        counts = [1 if size is None else self.anyres.num_tiles(tuple(size)) for size in image_sizes]
+        if sum(counts) != features.shape[0]:
+            raise ValueError(f"{features.shape[0]} tiles for images of sizes {image_sizes} ({sum(counts)} expected)")
+        return [single_tile(f, self.image_newline) if size is None else
+                merge_tiles(f, tuple(size), self.anyres, self.image_newline)
+                for f, size in zip(features.split(counts), image_sizes, strict=True)]
+
+    def embed(self, input_ids, attention_mask, images=None, labels=None, padding_side="right", image_sizes=None):
+        has = images is not None and images.shape[0] > 0
+        features = self.image_features(images, image_sizes) if has else None
         return splice_images(input_ids, attention_mask, features, self.llm.get_input_embeddings(), labels, padding_side)
 
     @property
     def attn_implementation(self) -> str:
         return getattr(self.llm.config, "_attn_implementation", None) or self.cfg.llm.attn_implementation
 
-    def logits_and_labels(self, input_ids, attention_mask, images=None, labels=None):
+    def logits_and_labels(self, input_ids, attention_mask, images=None, labels=None, image_sizes=None):
         """LLM logits at every position and the labels aligned with them (unshifted), for inspection and tests
         (training uses `forward`, which computes the logits only where a label is). `attention_mask` may hold the
         segment ids of packed rows (data/packing.py); the logits are then [1, N, V] over the real tokens, row by
         row, on the flash (varlen) path and [B, T, V] otherwise (see model/packed_attention.py)."""
-        batch = self.embed(input_ids, attention_mask, images, labels)
+        batch = self.embed(input_ids, attention_mask, images, labels, image_sizes=image_sizes)
         kwargs, labels = llm_inputs(batch, self.attn_implementation)
         return self.llm(**kwargs, use_cache=False).logits, labels
 
-    def forward(self, input_ids, attention_mask, images=None, labels=None):
+    def forward(self, input_ids, attention_mask, images=None, labels=None, image_sizes=None):
         """Returns (sum of token losses, number of supervised tokens); the caller normalises. The LM head runs
         only at supervised positions (model/loss.py) unless `supervised_logits_only` is False."""
         anchor = self._text_only_anchor(images, input_ids.device)
-        batch = self.embed(input_ids, attention_mask, images, labels)
+        batch = self.embed(input_ids, attention_mask, images, labels, image_sizes=image_sizes)
         kwargs, labels = llm_inputs(batch, self.attn_implementation)
         loss, count = loss_sum(self.llm, kwargs, labels, self.supervised_logits_only)
         if anchor is None and torch.is_grad_enabled() and not loss.requires_grad:
@@ -202,18 +244,21 @@ class LlavaModel(nn.Module):
         if self.text_only_anchor == "params":
             return self._param_anchor()
         size = self.vision_tower.image_size
-        return self.encode_images(torch.zeros(1, 3, size, size, device=device)).sum() * 0.0
+        blank = self.encode_images(torch.zeros(1, 3, size, size, device=device)).sum() * 0.0
+        return blank + self.image_newline.sum() * 0.0 if self.anyres is not None else blank
 
     def _param_anchor(self):
         # every trainable parameter a text-only forward does not reach: the projector, and the tower when
         # train.train_vision_tower (leaving it out made DDP raise at the next forward: issue 38)
         trainable = [p for m in (self.projector, self.vision_tower) for p in m.parameters() if p.requires_grad]
+        if self.anyres is not None and self.image_newline.requires_grad:
+            trainable.append(self.image_newline)
         return sum(p.sum() for p in trainable) * 0.0 if trainable else None
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, images=None, **gen_kwargs) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask, images=None, image_sizes=None, **gen_kwargs) -> torch.Tensor:
         """Left-padded prompts in, new token ids out (HF `generate` with KV cache)."""
-        batch = self.embed(input_ids, attention_mask, images, padding_side="left")
+        batch = self.embed(input_ids, attention_mask, images, padding_side="left", image_sizes=image_sizes)
         gen_kwargs.setdefault("use_cache", True)
         return self.llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **gen_kwargs)
 
@@ -231,6 +276,8 @@ class LlavaModel(nn.Module):
         if train_vision_tower:
             self._freeze_tower_parameters_without_gradient()
         self.projector.requires_grad_(train_projector)
+        if self.anyres is not None:  # trained with the LLM, as in LLaVA-NeXT's Stage 2 (LoRA: trained too, it is new)
+            self.image_newline.requires_grad_(train_llm)
         if is_lora(self.llm):  # the base LLM stays frozen; "training the LLM" trains its adapters
             for name, param in self.llm.named_parameters():
                 param.requires_grad_(train_llm and is_adapter_param(name))
@@ -268,6 +315,8 @@ class LlavaModel(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = _sub_state(state_dict, "projector.") if state_dict is not None else self.projector.state_dict()
+        if self.anyres is not None:
+            state[NEWLINE_KEY] = state_dict[NEWLINE_KEY] if state_dict is not None else self.image_newline
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, out_dir / PROJECTOR_FILE, metadata={"projector": self.cfg.projector})
         self._write_config(out_dir, extra)
@@ -300,6 +349,9 @@ class LlavaModel(nn.Module):
             "image": {"size": self.vision_tower.image_size, "mean": list(self.vision_tower.image_mean),
                       "std": list(self.vision_tower.image_std), "aspect": self.cfg.image_aspect},
         }
+        if self.anyres is not None:  # data/images.py rebuilds the layout from these
+            payload["image"].update(pinpoints=[list(p) for p in self.anyres.pinpoints], side=self.anyres.side,
+                                    unpad_rounding=self.anyres.unpad_rounding)
         payload.update(extra or {})
         (out_dir / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
 
@@ -320,6 +372,10 @@ class LlavaModel(nn.Module):
             if got != want:
                 raise ValueError(f"pretrained projector {file} has dims {got} but this model needs {want}")
         state = load_file(str(file))
+        newline = state.pop(NEWLINE_KEY, None)
+        if newline is not None and self.anyres is None:
+            raise ValueError(f"pretrained projector {file} comes with an AnyRes image_newline but this model uses "
+                             f"image_aspect={self.cfg.image_aspect!r}")
         expected = self.projector.state_dict()
         bad = {k: (tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items() if k in expected and v.shape != expected[k].shape}
         if set(state) != set(expected) or bad:
@@ -328,6 +384,11 @@ class LlavaModel(nn.Module):
                 f"keys {sorted(state)} vs {sorted(expected)}, shape mismatches {bad}"
             )
         self.projector.load_state_dict(state)
+        if self.anyres is not None and newline is not None:
+            with torch.no_grad():
+                self.image_newline.copy_(newline)
+        elif self.anyres is not None and not quiet:  # a Stage-1 (pad) projector: the newline starts here
+            log.info("image_newline: new (randn / sqrt(hidden)), %s has none", file)
         if not quiet:  # a Stage-1 projector for a new run (from_pretrained says what it loads itself)
             log.info("loaded pretrained projector from %s", file)
 

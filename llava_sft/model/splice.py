@@ -1,7 +1,8 @@
 """The one place where `<image>` placeholders become image feature tokens.
 
 `splice_images` takes padded token ids in which every image is a single IMAGE_TOKEN_INDEX and the
-projected features of all images of the batch (in order of appearance, row by row), and returns
+projected features of all images of the batch (in order of appearance, row by row: one [N, P, D] tensor, or a
+list of [P_i, D] when images differ in token count, as AnyRes images do), and returns
 the LLM inputs: embeddings with each placeholder replaced by that image's feature tokens, labels
 set to IGNORE_INDEX at image positions, the attention mask and position ids. Text-only rows need
 no image at all. It is vectorised (no Python loop over samples) and handles left or right padding.
@@ -33,12 +34,12 @@ class SplicedBatch:
 def splice_images(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    image_features: torch.Tensor | None,
+    image_features: torch.Tensor | list[torch.Tensor] | None,
     embed_tokens: torch.nn.Module,
     labels: torch.Tensor | None = None,
     padding_side: str = "right",
 ) -> SplicedBatch:
-    """Replace each IMAGE_TOKEN_INDEX in `input_ids` by the matching row of `image_features` [N, P, D]."""
+    """Replace each IMAGE_TOKEN_INDEX in `input_ids` by the matching image's features ([N, P, D] or [P_i, D] each)."""
     B, L = input_ids.shape
     valid = attention_mask.ne(0)
     packed = bool(attention_mask.numel()) and int(attention_mask.max()) > 1
@@ -46,13 +47,18 @@ def splice_images(
         raise ValueError("packed rows (segment ids in attention_mask) must be right-padded")
     is_image = input_ids.eq(IMAGE_TOKEN_INDEX) & valid
     n_images = int(is_image.sum())
-    n_given = 0 if image_features is None else image_features.shape[0]
+    n_given = 0 if image_features is None else len(image_features)
     if n_images != n_given:
         raise ValueError(f"batch has {n_images} image placeholder(s) but {n_given} image feature map(s)")
-    P = image_features.shape[1] if n_images else 1
+    if n_images:
+        counts = torch.tensor([f.shape[0] for f in image_features], device=input_ids.device)
+        flat = image_features.flatten(0, 1) if torch.is_tensor(image_features) else torch.cat(list(image_features))
+        img_b, img_t = is_image.nonzero(as_tuple=True)  # row-major = order of appearance
+        per_position = torch.zeros_like(input_ids)
+        per_position[img_b, img_t] = counts
 
-    # Each input position occupies 1 output slot (text) or P slots (image); padding occupies none.
-    width = torch.where(is_image, P, 1) * valid
+    # Each input position occupies 1 output slot (text) or P_i slots (image i); padding occupies none.
+    width = (torch.where(is_image, per_position, 1) if n_images else torch.ones_like(input_ids)) * valid
     lengths = width.sum(dim=1)
     T = int(lengths.max())
     start = width.cumsum(dim=1) - width  # first output slot of each input position
@@ -69,10 +75,11 @@ def splice_images(
     if labels is not None:
         new_labels = labels.new_full((B, T), IGNORE_INDEX)
         new_labels[text_b, start[text_b, text_t]] = labels[text_b, text_t]
-    if n_images:
-        img_b, img_t = is_image.nonzero(as_tuple=True)  # row-major = order of appearance
-        slots = start[img_b, img_t][:, None] + torch.arange(P, device=input_ids.device)
-        embeds[img_b[:, None].expand(-1, P), slots] = image_features.to(embeds.dtype)
+    if n_images:  # image i's tokens go to slots start_i, start_i + 1, ..., start_i + P_i - 1 of its row
+        rows = img_b.repeat_interleave(counts)
+        offsets = torch.arange(len(rows), device=input_ids.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+        slots = start[img_b, img_t].repeat_interleave(counts) + offsets
+        embeds[rows, slots] = flat.to(embeds.dtype)
 
     slot = torch.arange(T, device=input_ids.device)[None, :]
     first = (T - lengths)[:, None] if padding_side == "left" else torch.zeros_like(lengths)[:, None]
@@ -84,7 +91,7 @@ def splice_images(
     segments = attention_mask.new_zeros(B, T)
     segments[text_b, start[text_b, text_t]] = attention_mask[text_b, text_t]
     if n_images:
-        segments[img_b[:, None].expand(-1, P), slots] = attention_mask[img_b, img_t][:, None].expand(-1, P)
+        segments[rows, slots] = attention_mask[img_b, img_t].repeat_interleave(counts)
     # a sample starts where the segment id changes; its positions count from that slot
     changes = torch.ones_like(segments, dtype=torch.bool)
     changes[:, 1:] = segments[:, 1:] != segments[:, :-1]

@@ -81,7 +81,7 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
     if cfg.train.pretrained_projector:
         model.load_projector(cfg.train.pretrained_projector)
     tower = model.vision_tower
-    processor = ImageProcessor(tower.image_size, tower.image_mean, tower.image_std, cfg.model.image_aspect)
+    processor = ImageProcessor(tower.image_size, tower.image_mean, tower.image_std, cfg.model.image_aspect, model.anyres)
     args = (tokenizer, template, processor, model.tokens_per_image, sample_max_length(cfg), cfg.data.overlong,
             cfg.data.bad_samples)
     if cfg.data.shards:

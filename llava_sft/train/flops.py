@@ -28,8 +28,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llava_sft.constants import IMAGE_TOKEN_INDEX
-
 log = logging.getLogger(__name__)
 from llava_sft.train.memory import GPUS
 
@@ -142,14 +140,16 @@ def tower_flops_per_image(tower) -> float:
 def sequence_lengths(batch: dict, tokens_per_image: int) -> list[int]:
     """Real tokens of each sequence after image expansion: each row of a padded batch, each sample of a packed row
     (its attention_mask holds segment ids 1, 2, ...; 0 = padding)."""
+    from llava_sft.data.packing import image_extra
+
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    images = ids.eq(IMAGE_TOKEN_INDEX)
+    extra = image_extra(batch, tokens_per_image)
     lengths = []
     for row in range(ids.shape[0]):
         for segment in mask[row].unique().tolist():
             if segment:
                 where = mask[row] == segment
-                lengths.append(int(where.sum()) + int((images[row] & where).sum()) * (tokens_per_image - 1))
+                lengths.append(int(where.sum()) + int(extra[row][where].sum()))
     return lengths
 
 

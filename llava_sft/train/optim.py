@@ -31,7 +31,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, project
                  vision_tower_lr: float | None = None) -> list[dict]:
     """Weight decay on matrices only (not on biases and norm weights), as HF Trainer / LLaVA; the projector and
     a trained vision tower may have their own learning rates (LLaVA's mm_projector_lr, LLaVA-NeXT's
-    mm_vision_tower_lr)."""
+    mm_vision_tower_lr). AnyRes's `image_newline` (1-D) gets none; HF Trainer would decay it (it is not a norm
+    weight or a bias), which changes nothing in LLaVA-NeXT's recipes (weight decay 0)."""
     own_lr = {"projector.": projector_lr or lr, "vision_tower.": vision_tower_lr or lr}
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():

@@ -252,7 +252,8 @@ def accumulate_gradients(engine: Engine, micro: list[dict], device, use_autocast
         with engine.accumulating(last=i == len(micro) - 1):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                 loss_sum, _ = engine.module(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                            batch["images"].to(device), batch["labels"].to(device))
+                                            batch["images"].to(device), batch["labels"].to(device),
+                                            image_sizes=batch.get("image_sizes"))
             engine.backward(loss_sum * weight)
         loss_total += loss_sum.detach() * weight if mean_of_means else loss_sum.detach()
     # the quantity whose gradient was taken

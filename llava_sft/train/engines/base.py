@@ -39,7 +39,8 @@ StepCheck = Callable[[float, bool], None]  # (gradient norm, whether the step wa
 def no_op_batch() -> dict:
     """One text token with no supervised label: a forward/backward that contributes exactly zero."""
     return {"input_ids": torch.zeros(1, 1, dtype=torch.long), "attention_mask": torch.ones(1, 1, dtype=torch.long),
-            "labels": torch.full((1, 1), IGNORE_INDEX), "images": torch.zeros(0, 3, 1, 1), "ids": []}
+            "labels": torch.full((1, 1), IGNORE_INDEX), "images": torch.zeros(0, 3, 1, 1), "image_sizes": [],
+            "image_tokens": torch.zeros(0, dtype=torch.long), "ids": []}
 
 
 class Engine:
