@@ -18,7 +18,8 @@ from llava_sft.train import memory
 pytestmark = pytest.mark.slow  # multi-process or full runs: `pytest -m 'not slow'` skips them
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "configs" / "llava_v1_5").glob("*.yaml")) + sorted((REPO / "configs" / "llava_v1").glob("*.yaml"))
+RECIPES = (sorted((REPO / "configs" / "llava_v1_5").glob("*.yaml")) + sorted((REPO / "configs" / "llava_v1").glob("*.yaml"))
+           + sorted((REPO / "configs" / "llava_next").glob("*.yaml")))
 
 
 def preflight(tmp_path: Path, config: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -156,3 +157,23 @@ def test_a_stand_in_tokenizer_for_an_auto_template_run_carries_a_chat_template_a
     supervised = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
     # Vicuna v1's reply (with the " " after "ASSISTANT:", which the model generates) and its end of turn
     assert tokenizer.decode(supervised).lstrip() == "A red square.</s>"
+
+
+def test_anyres_sizing_counts_tiles_tokens_and_the_trained_towers_states():
+    """The LLaVA-1.6 recipe on 8 GPUs under ZeRO-2: an assumed 640x480 image is 5 tower passes and 2340 tokens; the
+    trained tower moves from 2 bytes per weight (frozen, whole) to 2 + (2 + 12) / 8 (bf16 weight, gradient and AdamW
+    state partitioned over 8), and its activations add 34 * 577 * 1024 * 24 bytes per pass (4 images x 5 passes)."""
+    from llava_sft.config import load_config
+    from llava_sft.preflight import twin
+
+    cfg = load_config(REPO / "configs" / "llava_next" / "stage2_finetune_7b.yaml")
+    llm, vision = twin.KNOWN_LLMS["lmsys/vicuna-7b-v1.5"], twin.real_vision_shape(cfg.model.vision)
+    trained = sizing.size(cfg, llm, vision, 2, True, 8, 0.4, 760_000)
+    assert (trained["image_tokens"], trained["tiles_per_image"], trained["assumed_image_size"]) == (2340, 5, [640, 480])
+    cfg.train.train_vision_tower = False
+    frozen = sizing.size(cfg, llm, vision, 2, True, 8, 0.4, 760_000)
+    gib = 1024 ** 3
+    assert trained["states_gib"] - frozen["states_gib"] == pytest.approx(1.75 * trained["vision_params"] / gib, abs=0.01)
+    tower_act = 34 * 577 * 1024 * 24 * 4 * 5 / gib
+    assert trained["activations_gib"] - frozen["activations_gib"] == pytest.approx(tower_act, abs=0.01)
+    assert trained["hours"]["A100-80GB"] > frozen["hours"]["A100-80GB"]  # the tower's backward

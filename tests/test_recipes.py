@@ -97,3 +97,25 @@ def test_paper_recipes_weigh_tokens_as_the_reference_runs_did_and_the_demo_keeps
         assert load_config(path).train.loss_normalization == "micro_batch_mean"
     for path in sorted((CONFIGS / "demo").glob("*.yaml")):
         assert load_config(path).train.loss_normalization == "global_tokens", path
+
+
+def test_the_llava_next_recipe_is_llava_16s_released_config():
+    """Values of the released liuhaotian/llava-v1.6-vicuna-7b config.json and the LLaVA-NeXT blog (the recipe names
+    each source); Stage 1 is LLaVA-1.5's projector."""
+    from llava_sft.train.engines.deepspeed import resolve_config, zero_stage
+
+    cfg = load_config(CONFIGS / "llava_next" / "stage2_finetune_7b.yaml")
+    m, t = cfg.model, cfg.train
+    assert (m.image_aspect, m.unpad_rounding, m.vision.select_layer, m.projector) == ("anyres", "reference", -2,
+                                                                                    "mlp2x_gelu")
+    assert m.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert (cfg.data.max_length, cfg.data.template) == (4096, "vicuna_v1")
+    assert (t.train_vision_tower, t.vision_tower_lr, t.lr, t.global_batch_size, t.epochs) == (True, 2e-6, 2e-5, 128, 1)
+    assert (t.warmup_ratio, t.lr_schedule, t.weight_decay) == (0.03, "cosine", 0.0)
+    assert t.pretrained_projector.endswith("llava-v1.5-7b-pretrain")
+    assert t.loss_normalization == "micro_batch_mean"
+    ds = resolve_config(t.deepspeed, t, world=8, cuda=True, quantized=False)
+    assert zero_stage(ds) == 2  # a trained tower is refused under ZeRO-3 (docs/training.md)
+    assert ds["gradient_accumulation_steps"] * 8 * t.micro_batch_size == t.global_batch_size
+    text = (CONFIGS / "llava_next" / "stage2_finetune_7b.yaml").read_text()
+    assert "UNCERTAIN" in text and "[cfg]" in text and "[blog]" in text

@@ -104,9 +104,17 @@ def reference_lrs(base_lr: float, total: int, warmup_ratio: float, schedule: str
 
 
 # ------------------------------------------------------------------------------------------------------- checks
-def expected_trainable(cfg, twin_llm: dict, vision_width: int) -> dict[str, int]:
+def expected_trainable(cfg, twin_llm: dict, vision_width: int, vision_arch: dict | None = None) -> dict[str, int]:
     """Per module, the parameter count the stage intends to train, from the twin's config (train/memory.py's
-    arithmetic -- the same that sizes the real run, so a match also validates it)."""
+    arithmetic -- the same that sizes the real run, so a match also validates it). A trained tower trains what its
+    features depend on: patch embedding, CLS and positions, the pre-norm and the blocks up to the selected one
+    (not the later blocks, the final norm or CLIP's projection: model/llava.py)."""
+    tower = 0
+    if cfg.train.train_vision_tower and vision_arch is not None:
+        v, layers, layer = vision_arch["vision_cfg"], twin.TWIN_VISION["layers"], cfg.model.vision.select_layer
+        used = layers + layer + 1 if layer < 0 else layer
+        tower = memory.vit_params(twin.TWIN_VISION["width"], used, v["patch_size"], v["image_size"]) \
+            - 2 * twin.TWIN_VISION["width"]  # vit_params counts the final norm, which gets no gradient
     shape = memory.llm_shape(twin_llm)
     if not cfg.train.train_llm:
         llm = 0
@@ -115,7 +123,7 @@ def expected_trainable(cfg, twin_llm: dict, vision_width: int) -> dict[str, int]
     else:
         llm = memory.lora_params(shape, cfg.model.lora.r)
     proj = sizing.projector_params(cfg.model.projector, vision_width, shape["hidden_size"])
-    return {"vision_tower": 0, "projector": proj if cfg.train.train_projector else 0, "llm": llm}
+    return {"vision_tower": tower, "projector": proj if cfg.train.train_projector else 0, "llm": llm}
 
 
 def probe_checks(cfg, facts: list[dict], expected: dict[str, int]) -> tuple[list[Check], bool]:
@@ -241,7 +249,7 @@ def rehearse(config: str, overrides: list[str], nproc: int | None, steps: int, g
     if rc != 0 and rows:  # e.g. stopped by a non-finite loss: the losses it logged are the finding
         checks += loss_checks(cfg, rows, steps)[:1]
     if rc == 0 and facts:
-        probe, active = probe_checks(cfg, facts, expected_trainable(cfg, twin_llm, 64))
+        probe, active = probe_checks(cfg, facts, expected_trainable(cfg, twin_llm, twin.TWIN_VISION["width"], vision_arch))
         checks += probe + loss_checks(cfg, rows, steps)
         checks.append(_resume_check(config, overrides, over, nproc, stage_script, workdir, rows, steps, timeout))
         if not cfg.train.train_llm:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from llava_sft.data.anyres import layout_for
 from llava_sft.train import memory
 
 
@@ -43,6 +44,9 @@ def projector_params(kind: str, vision_width: int, llm_hidden: int) -> int:
 
 GPUS_PER_NODE = 8  # for the number of nodes that write a sharded checkpoint at once
 WRITE_GB_PER_S_PER_NODE = 1.0  # a shared file system's sustained write per node, assumed (--write-gbps)
+# AnyRes recipes: the image size the projection assumes -- COCO's most common, 640x480 (a 2 x 2 grid + the base view:
+# 5 tower passes, 2340 tokens with LLaVA-1.6's pinpoints); the sizing table states it
+ASSUMED_IMAGE_SIZE = (640, 480)
 
 
 def checkpoint_size(method: str, engine: str, llm: dict, projector: int, lora_r: int, bf16: bool,
@@ -70,6 +74,11 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
     v = vision_arch["vision_cfg"]
     grid = v["image_size"] // v["patch_size"]
     image_tokens = grid * grid + (1 if cfg.model.vision.select_feature == "cls_patch" else 0)
+    tiles = 1  # tower passes per image
+    layout = layout_for(cfg.model.image_aspect, v["image_size"], grid, cfg.model.image_grid_pinpoints,
+                        cfg.model.unpad_rounding)
+    if layout is not None:  # AnyRes: an image of ASSUMED_IMAGE_SIZE (its tokens and tiles: data/anyres.py)
+        image_tokens, tiles = layout.image_tokens(ASSUMED_IMAGE_SIZE), layout.num_tiles(ASSUMED_IMAGE_SIZE)
     vision_params = memory.vit_params(v["width"], v["layers"], v["patch_size"], v["image_size"],
                                       vision_arch.get("embed_dim", 0))
     proj = projector_params(cfg.model.projector, v["width"], llm["hidden_size"])
@@ -78,13 +87,15 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
     seq = image_tokens + 64 if stage1 else cfg.data.max_length
     bf16 = cfg.train.bf16
     lora_r = cfg.model.lora.r if cfg.model.lora else 0
-    states = memory.predicted_states_gb(method, engine, num_gpus, llm, vision_params, proj, lora_r, bf16)
+    tower_trains = cfg.train.train_vision_tower
+    states = memory.predicted_states_gb(method, engine, num_gpus, llm, vision_params, proj, lora_r, bf16, tower_trains)
 
     # labelled tokens per sample: Stage 1's caption (< 64 tokens); Stage 2 at worst every text token of a full row
     supervised = 64 if stage1 else seq - image_tokens
 
     def peak(micro: int) -> float:
-        return states + memory.predicted_activations_gb(llm, micro, seq, checkpointing_active, bf16, supervised)
+        tower = memory.tower_activations_gb(v["width"], v["layers"], grid * grid + 1, micro * tiles) if tower_trains else 0
+        return states + tower + memory.predicted_activations_gb(llm, micro, seq, checkpointing_active, bf16, supervised)
 
     def usable(m: int) -> bool:  # the global batch must split into whole accumulation steps on every GPU
         return cfg.data.packing or cfg.train.global_batch_size % (num_gpus * m) == 0
@@ -98,7 +109,9 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
     mean_tokens = image_tokens + 40 if stage1 else 0.94 * image_tokens + 150
     samples = samples or official_record_count(cfg.data.path or "")
     out = {"method": method, "engine": engine, "gpus_per_run": num_gpus, "micro_batch_size": cfg.train.micro_batch_size,
-           "seq_for_memory": seq, "image_tokens": image_tokens, "llm_params": memory.llm_params(llm),
+           "seq_for_memory": seq, "image_tokens": image_tokens, "tiles_per_image": tiles,
+           "assumed_image_size": list(ASSUMED_IMAGE_SIZE) if layout is not None else None,
+           "vision_trains": tower_trains, "llm_params": memory.llm_params(llm),
            "vision_params": vision_params, "projector_params": proj, "states_gib": round(states, 2),
            "activations_gib": round(peak(cfg.train.micro_batch_size) - states, 2),
            "checkpointing_in_projection": checkpointing_active, "gpus": gpus, "mfu": mfu, "samples": samples,
@@ -111,8 +124,10 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
     if samples:
         tokens = samples * cfg.train.epochs * mean_tokens
         # weight gradients only for full fine-tuning: LoRA's adapters and Stage 1's projector are ~0.3 % of the LLM
-        per_token = memory.flops_per_token(llm, round(mean_tokens), method == "full", vision_params,
-                                           image_tokens / mean_tokens if mean_tokens else 0.0)
+        # the tower runs once per tile token (forward 2N, 6N when it trains)
+        per_token = memory.flops_per_token(llm, round(mean_tokens), method == "full",
+                                           vision_params * (3 if tower_trains else 1),
+                                           tiles * grid * grid / mean_tokens if mean_tokens else 0.0)
         out["steps"] = math.ceil(samples / cfg.train.global_batch_size) * math.ceil(cfg.train.epochs)
         hours = {name: memory.hours(tokens * per_token, num_gpus, gpu, mfu) for name, gpu in memory.GPUS.items()}
         out["hours"] = {name: round(h, 1) for name, h in hours.items()}
@@ -122,7 +137,7 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
 
 def sizing_table(s: dict, chosen: str) -> str:
     lines = [f"Real shapes: LLM {s['llm_params'] / 1e9:.2f}B ({s['method']}), vision {s['vision_params'] / 1e6:.0f}M "
-             f"(frozen), projector {s['projector_params'] / 1e6:.1f}M; {s['engine']} over {s['gpus_per_run']} GPUs, "
+             f"({'trained' if s.get('vision_trains') else 'frozen'}), projector {s['projector_params'] / 1e6:.1f}M; {s['engine']} over {s['gpus_per_run']} GPUs, "
              f"micro-batch {s['micro_batch_size']} x {s['seq_for_memory']} tokens, gradient checkpointing "
              f"{'on' if s['checkpointing_in_projection'] else 'OFF'} (as measured)",
              f"  model states {s['states_gib']} GiB + activations and logits {s['activations_gib']} GiB per GPU",
@@ -132,6 +147,10 @@ def sizing_table(s: dict, chosen: str) -> str:
         mark = " <- --gpu" if name == chosen else ""
         lines.append(f"  {name:<11} {g['peak_gib']:>9} {'yes' if g['fits'] else 'NO':>12} "
                      f"{g['largest_micro_batch_that_fits']:>14} {step:>7} {hours:>7}{mark}")
+    if s.get("assumed_image_size"):
+        w, h = s["assumed_image_size"]
+        lines.append(f"  AnyRes: each image assumed {w}x{h} px: {s['tiles_per_image']} tower passes, {s['image_tokens']} "
+                     f"tokens (time and the trained tower's activations scale with them)")
     lines.append(f"  checkpoint: {s['checkpoint_gb']} GB (trainable weights, AdamW moments, fp32 masters), about "
                  f"{s['checkpoint_seconds']} s to write at {s['checkpoint_write_gbps_per_node']:g} GB/s per node "
                  f"(--write-gbps), plus the step in progress")

@@ -139,6 +139,9 @@ def real_vision_shape(vision) -> dict:
     return copy.deepcopy(arch)
 
 
+TWIN_VISION = {"width": 64, "layers": 3}  # the twin tower's shrunk shape (its patch and input size are the real one's)
+
+
 def make_vision_twin(vision, out_dir: Path) -> dict:
     """Write the twin's architecture JSON and weights; returns the `model.vision.*` overrides that load them."""
     import open_clip
@@ -146,7 +149,7 @@ def make_vision_twin(vision, out_dir: Path) -> dict:
 
     arch = real_vision_shape(vision)
     v = arch["vision_cfg"]
-    v.update(width=64, layers=3, head_width=32)  # 2 heads; select_layer -2 needs >= 2 blocks
+    v.update(**TWIN_VISION, head_width=32)  # 2 heads; select_layer -2 needs >= 2 blocks
     v.pop("mlp_ratio", None)
     arch["text_cfg"].update(width=32, heads=1, layers=1)
     arch["embed_dim"] = 32

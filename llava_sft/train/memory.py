@@ -83,9 +83,11 @@ def vit_params(width: int, layers: int, patch: int, image: int, embed_dim: int =
 
 
 def predicted_states_gb(method: str, engine: str, nproc: int, llm: dict, vision_params: int, projector_params: int,
-                        lora_r: int, bf16: bool) -> float:
+                        lora_r: int, bf16: bool, vision_trains: bool = False) -> float:
     """Per-rank GiB of weights + gradients + optimizer states (no activations, no runtime).
-    method: full | lora | qlora | projector (Stage 1: the LLM frozen); engine: ddp | zero2 | zero3 | fsdp2."""
+    method: full | lora | qlora | projector (Stage 1: the LLM frozen); engine: ddp | zero2 | zero3 | fsdp2.
+    `vision_trains` (train.train_vision_tower): the tower's weights get gradients and AdamW states like the
+    LLM's (all of them counted: the few after the selected layer that stay frozen are < 5 % of a ViT-L)."""
     w = g = 2 if bf16 else 4  # bytes per weight / gradient
     # optimizer bytes per trainable parameter: AdamW's two fp32 moments, plus an fp32 master copy under bf16 and
     # under ZeRO (DeepSpeed keeps its own fp32 partition even of fp32 weights); DDP's gradients are views of its
@@ -105,6 +107,8 @@ def predicted_states_gb(method: str, engine: str, nproc: int, llm: dict, vision_
     else:
         raise ValueError(f"unknown method {method!r}")
     vision = vision_params * w  # the frozen vision tower is whole on every rank (also under ZeRO-3)
+    if vision_trains:
+        vision, trainable = 0.0, trainable + vision_params
     n = nproc
     if engine == "ddp":
         states = vision + frozen + trainable * (w + g + o)
@@ -119,6 +123,13 @@ def predicted_states_gb(method: str, engine: str, nproc: int, llm: dict, vision_
     else:
         raise ValueError(f"unknown engine {engine!r}")
     return states / GIB
+
+
+def tower_activations_gb(width: int, layers: int, tokens: int, images: int) -> float:
+    """A trained ViT's saved activations for `images` tower passes of `tokens` tokens: Korthikanti et al. (2022)'s
+    34 * s * h bytes per layer in 16-bit, without the s^2 attention term (open_clip's towers use SDPA, whose
+    memory-efficient kernels keep no score matrix); no checkpointing inside the tower."""
+    return 34 * tokens * width * layers * images / GIB
 
 
 def predicted_activations_gb(llm: dict, micro: int, seq: int, checkpointing: bool, bf16: bool,
