@@ -16,6 +16,12 @@ What maps to what:
     preprocessing      -> `LlavaImageProcessor`: `square` = resize shortest side + centre crop; `pad` = `do_pad`
                           (pad to a square with the mean colour, int(mean * 255), as ours) then the same
     stop strings       -> `generation_config.eos_token_id`
+    AnyRes (`anyres`)  -> `LlavaNextForConditionalGeneration` + `LlavaNextImageProcessor` (PIL backend on 5.x):
+                          `image_newline` -> `model.image_newline`; the pinpoints written **transposed**, as
+                          transformers reads them as (height, width) (ours and LLaVA's are (width, height)); its
+                          unpad rounds where LLaVA truncates, so a model trained with `unpad_rounding: reference`
+                          is exported with a warning naming the sizes that differ (`hf`: exact); `anyres_max_N`
+                          (LLaVA-OneVision) is refused for now
 
 The `<image>` token is new to the LLM's vocabulary when the tokenizer did not have it: its embedding and
 `lm_head` rows are zeros (its input embedding is always replaced by image features) and generation suppresses
@@ -148,9 +154,14 @@ def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
 
+def hf_pinpoints(model: LlavaModel) -> list[list[int]]:
+    """Our (width, height) pinpoints as transformers reads them: (height, width)."""
+    return [[h, w] for w, h in model.anyres.pinpoints]
+
+
 def build_hf_state_and_config(model: LlavaModel, image_token_id: int, vocab: int):
-    """(LlavaConfig, state dict) of the HF model holding exactly our weights."""
-    from transformers import LlavaConfig
+    """(LlavaConfig or LlavaNextConfig, state dict) of the HF model holding exactly our weights."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     check_exportable(model)
     vision = VISION_EXPORTERS[model.cfg.vision.name](model.vision_tower)
@@ -164,13 +175,20 @@ def build_hf_state_and_config(model: LlavaModel, image_token_id: int, vocab: int
     text_config = model.llm.config.to_dict()
     text_config.update(vocab_size=vocab, use_cache=True)  # our training-time use_cache=False is not the LLM's
     text_config.pop("_name_or_path", None)
-    config = LlavaConfig(
+    common = dict(
         vision_config=dict(vision.config), text_config=text_config, image_token_index=image_token_id,
         projector_hidden_act=HF_PROJECTOR_ACT[model.cfg.projector], vision_feature_select_strategy=strategy,
         vision_feature_layer=model.cfg.vision.select_layer, image_seq_length=model.tokens_per_image,
         multimodal_projector_bias=True,
     )
+    if model.anyres is None:
+        config = LlavaConfig(**common)
+    else:
+        config = LlavaNextConfig(**common, image_grid_pinpoints=hf_pinpoints(model))
+        config.llava_sft_unpad_rounding = model.anyres.unpad_rounding  # stated in the export (config.json)
     state = {f"model.vision_tower.{k}": v for k, v in vision.state.items()}
+    if model.anyres is not None:
+        state["model.image_newline"] = model.image_newline.detach()
     state.update({f"model.multi_modal_projector.{k}": v for k, v in _projector_state(model).items()})
     for key, value in _llm_state(model.llm).items():
         state[key] = _grow_rows(value, vocab) if key in ("lm_head.weight", "model.language_model.embed_tokens.weight") else value
@@ -178,9 +196,23 @@ def build_hf_state_and_config(model: LlavaModel, image_token_id: int, vocab: int
 
 
 def image_processor_for(saved_image: dict):
-    """`LlavaImageProcessor` doing exactly our `ImageProcessor` (data/images.py) for `square` and `pad`."""
+    """`LlavaImageProcessor` doing exactly our `ImageProcessor` (data/images.py) for `square` and `pad`;
+    `LlavaNextImageProcessor` for `anyres` (its tiles: the same resize, black padding and crops as
+    data/anyres.py, checked pixel by pixel in tests/test_export_llava_next.py)."""
     from transformers.image_utils import PILImageResampling
 
+    size = saved_image["size"]
+    if saved_image["aspect"] == "anyres":
+        if _TRANSFORMERS_MAJOR >= 5:
+            from transformers import LlavaNextImageProcessorPil as LlavaNextImageProcessor
+        else:
+            from transformers import LlavaNextImageProcessor
+        return LlavaNextImageProcessor(
+            do_resize=True, size={"shortest_edge": size}, image_grid_pinpoints=[[h, w] for w, h in saved_image["pinpoints"]],
+            resample=PILImageResampling.BICUBIC, do_center_crop=True, crop_size={"height": size, "width": size},
+            do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(saved_image["mean"]),
+            image_std=list(saved_image["std"]), do_pad=True, do_convert_rgb=True,
+        )
     if _TRANSFORMERS_MAJOR >= 5:  # 5.x's LlavaImageProcessor resizes with torchvision: pixels 1 level off from PIL's
         from transformers import LlavaImageProcessorPil as LlavaImageProcessor
     else:
@@ -241,13 +273,30 @@ def check_tokenization(processor, tokenizer, template: ChatTemplate, tokens_per_
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
     """Writes the HF LLaVA directory (model, processor, generation config); returns its path."""
-    from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        AutoProcessor,
+        GenerationConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
 
     from llava_sft.generate import stop_token_ids
 
     out_dir = Path(out_dir)
     model, tokenizer, saved = LlavaModel.from_pretrained(model_dir, device="cpu")
     check_exportable(model)
+    if model.anyres is not None and model.anyres.max_tiles is not None:
+        raise UnsupportedConversion(f"image aspect {model.cfg.image_aspect!r} (LLaVA-OneVision's anyres_max_N) has no "
+                                    f"LlavaNextForConditionalGeneration export (its interpolation is "
+                                    f"LlavaOnevision's); generate with python -m llava_sft.generate")
+    if model.anyres is not None and model.anyres.unpad_rounding != "hf":
+        log.warning("this AnyRes model was trained with unpad_rounding=%s (LLaVA's int() truncation); transformers "
+                    "rounds, so images whose unpadded size is a float just under an integer (e.g. 704x396 at 336 px: "
+                    "1850 tokens trained, 1948 in transformers) get other features in the export; train with "
+                    "model.unpad_rounding=hf for an exact export (config.json: llava_sft_unpad_rounding)",
+                    model.anyres.unpad_rounding)
     name = saved.get("template") or saved["model"]["template"]
     template = get_template(name, saved["model"].get("system_prompt"), tokenizer=tokenizer)
     jinja = wrap_model_template(template) if name == "auto" else to_jinja(template)  # before <image> is added
@@ -262,8 +311,9 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     dtype = dtype or str(model.llm.dtype).replace("torch.", "")
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     config.dtype = config.text_config.dtype = config.vision_config.dtype = dtype
+    hf_class = LlavaForConditionalGeneration if model.anyres is None else LlavaNextForConditionalGeneration
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = hf_class(config)
     hf.load_state_dict(state, strict=True, assign=True)
     hf.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
@@ -274,7 +324,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     # LlavaForConditionalGeneration.generate refuses ("model_kwargs are not used by the model")
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
     tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names  # what save_pretrained writes
-    processor = LlavaProcessor(
+    processor = (LlavaProcessor if model.anyres is None else LlavaNextProcessor)(
         image_processor=image_processor_for(saved["image"]), tokenizer=tokenizer, patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=tokenizer.chat_template,
         image_token=IMAGE_PLACEHOLDER, num_additional_image_tokens=1 if vision.has_cls else 0,
@@ -292,5 +342,5 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str | None = No
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s -> %s (LlavaForConditionalGeneration, image token %d)", model_dir, out_dir, image_id)
+    log.info("exported %s -> %s (%s, image token %d)", model_dir, out_dir, hf_class.__name__, image_id)
     return out_dir
