@@ -144,7 +144,8 @@ def test_llava_pretrain_projector_imports_as_a_stage1_output(llama_tokenizer_dir
 
 @pytest.mark.parametrize("override, words", [
     ({"mm_use_im_start_end": True}, "mm_use_im_start_end"),
-    ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio 'anyres'"),
+    ({"image_aspect_ratio": "anyres"}, "mm_patch_merge_type 'flat'"),
+    ({"image_aspect_ratio": "anyres_max_9", "mm_patch_merge_type": "spatial_unpad"}, "image_aspect_ratio 'anyres_max_9'"),
     ({"mm_projector_type": "linear"}, "mm_projector_type 'linear' but the weights are 'mlp2x_gelu'"),
 ])
 def test_unsupported_checkpoints_are_refused(llama_tokenizer_dir, clip_dir, tmp_path, capsys, override, words):
@@ -182,3 +183,60 @@ def test_an_imported_release_exports_to_hf_llava_with_the_same_logits(llama_toke
         logits = hf(input_ids=torch.tensor([hf_ids]), pixel_values=pixels).logits
     reference = llava_reference_logits(state, clip_dir, pixels, ids)
     assert torch.allclose(logits[..., :reference.shape[-1]], reference, atol=1e-4, rtol=1e-5)
+
+
+NEXT_KEYS = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+             "image_grid_pinpoints": [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]}  # LLaVA-1.6's at 32 px
+
+
+def test_llava_1_6_release_imports_and_computes_what_llava_computes(llama_tokenizer_dir, clip_dir, tmp_path):
+    """A llava-v1.6 layout (anyres, spatial_unpad, model.image_newline): the imported model's logits on a 64x40
+    image equal LLaVA's forward computed from the checkpoint tensors (HF CLIP on each tile -> mm_projector -> the
+    reference's spatial_unpad merge, tests/reference_llava.py -> spliced)."""
+    from PIL import Image
+    from transformers import CLIPVisionModel
+
+    from llava_sft.generate import Answerer
+    from tests.reference_llava import reference_spatial_unpad
+
+    state = write_llava_release(tmp_path / "llava-v1.6-tiny", llama_tokenizer_dir)
+    torch.manual_seed(3)
+    state["model.image_newline"] = torch.randn(64)
+    torch.save(state, tmp_path / "llava-v1.6-tiny" / "pytorch_model.bin")
+    config = json.loads((tmp_path / "llava-v1.6-tiny" / "config.json").read_text())
+    (tmp_path / "llava-v1.6-tiny" / "config.json").write_text(json.dumps({**config, **NEXT_KEYS}))
+    assert import_main(["--model", str(tmp_path / "llava-v1.6-tiny"), "--vision-tower", str(clip_dir),
+                        "--out", str(tmp_path / "ours")]) == 0
+    saved = json.loads((tmp_path / "ours" / "llava_config.json").read_text())
+    assert saved["image"]["aspect"] == "anyres" and saved["image"]["pinpoints"] == NEXT_KEYS["image_grid_pinpoints"]
+    assert saved["image"]["unpad_rounding"] == "reference"
+
+    answerer = Answerer(tmp_path / "ours", device="cpu")
+    image = Image.fromarray((torch.rand(40, 64, 3) * 255).byte().numpy())
+    tiles, size, _ = answerer.processor.tiles(image)
+    ids = tokenize_prompt(get_template("vicuna_v1").generation_prompt("<image>\nWhat is it?"), answerer.tokenizer)
+    with torch.no_grad():
+        batch = answerer.model.embed(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), tiles,
+                                     image_sizes=[size])
+        ours = answerer.model.llm(inputs_embeds=batch.inputs_embeds).logits
+
+        clip = CLIPVisionModel.from_pretrained(clip_dir).eval()
+        feats = clip(tiles, output_hidden_states=True).hidden_states[-2][:, 1:]
+        p = lambda k: state[f"model.mm_projector.{k}"]  # noqa: E731
+        projected = F.linear(F.gelu(F.linear(feats, p("0.weight"), p("0.bias"))), p("2.weight"), p("2.bias"))
+        image_feats = reference_spatial_unpad(projected, (2, 2), 4, state["model.image_newline"], size)
+        reference = llava_reference_logits_with(state, image_feats, ids)
+    assert tiles.shape[0] == 5 and image_feats.shape[0] == 70  # 64x40 on 32-px tiles: counted in test_anyres_training
+    assert ours.shape == reference.shape and torch.allclose(ours, reference, atol=1e-4, rtol=1e-5)
+
+
+def llava_reference_logits_with(state, image_feats, ids):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(**llama_config(state["model.embed_tokens.weight"].shape[0]))).eval()
+    llama.load_state_dict({k: v for k, v in state.items() if "mm_projector" not in k and "inv_freq" not in k
+                           and k != "model.image_newline"})
+    cut = ids.index(-200)
+    embed = llama.get_input_embeddings()
+    embeds = torch.cat([embed(torch.tensor(ids[:cut])), image_feats, embed(torch.tensor(ids[cut + 1:]))])[None]
+    return llama(inputs_embeds=embeds).logits

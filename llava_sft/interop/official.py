@@ -10,8 +10,13 @@
   next to it when there is one) -> our Stage-1 output (`projector.safetensors` + `llava_config.json`), the
   `train.pretrained_projector` of a Stage-2 run.
 
+* A LLaVA-1.6 release (`liuhaotian/llava-v1.6-vicuna-7b`): the same, with `image_aspect_ratio: anyres`,
+  `mm_patch_merge_type: spatial_unpad`, `image_grid_pinpoints` ((width, height), as ours) and the
+  `model.image_newline` weight; its trained tower is in the checkpoint. -> `image_aspect: anyres`, LLaVA's unpad
+  rounding (`reference`).
+
 Refused with a reason: `mm_use_im_start_end` (image start/end tokens), `image_aspect_ratio` other than
-`pad`/`square` (LLaVA-NeXT's `anyres`), and towers that are not CLIP.
+`pad`/`square`/`anyres`, `anyres` with another merge than `spatial_unpad`, and towers that are not CLIP.
 """
 from __future__ import annotations
 
@@ -38,9 +43,9 @@ from llava_sft.model.vision import VisionConfig, build_vision_tower
 
 log = logging.getLogger(__name__)
 
-PROJECTOR_PREFIX, TOWER_PREFIX = "model.mm_projector.", "model.vision_tower.vision_tower."
+PROJECTOR_PREFIX, TOWER_PREFIX, NEWLINE = "model.mm_projector.", "model.vision_tower.vision_tower.", "model.image_newline"
 ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral", "LlavaQwenForCausalLM": "qwen2"}
-LLAVA_ONLY_KEYS = {"image_aspect_ratio", "image_grid_pinpoints", "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter",
+LLAVA_ONLY_KEYS = {"image_aspect_ratio", "image_grid_pinpoints", "image_split_resolution", "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter",
                    "unfreeze_mm_vision_tower", "use_mm_proj", "tokenizer_model_max_length", "tokenizer_padding_side",
                    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype"}
 
@@ -54,8 +59,12 @@ def read_llava_config(model_dir: Path) -> dict:
 
 def image_aspect(cfg: dict) -> str:
     ratio = cfg.get("image_aspect_ratio") or "square"
-    if ratio not in ("pad", "square"):
-        raise UnsupportedConversion(f"image_aspect_ratio {ratio!r} is not supported (only 'pad' and 'square')")
+    if ratio not in ("pad", "square", "anyres"):
+        raise UnsupportedConversion(f"image_aspect_ratio {ratio!r} is not supported (only 'pad', 'square', 'anyres')")
+    merge = cfg.get("mm_patch_merge_type", "flat")
+    if ratio == "anyres" and merge != "spatial_unpad":
+        raise UnsupportedConversion(f"image_aspect_ratio 'anyres' with mm_patch_merge_type {merge!r}: only "
+                                    f"'spatial_unpad' (LLaVA-1.6's) imports")
     return ratio
 
 
@@ -125,7 +134,8 @@ def build_llm(cfg: dict, state: dict[str, torch.Tensor], dtype: torch.dtype):
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config, dtype=dtype)
     llm_state = {k: v.to(dtype) for k, v in state.items() if not k.startswith(("model.mm_projector.", "model.vision_tower."))
-                 and not k.endswith("rotary_emb.inv_freq")}  # older checkpoints saved this (recomputed) buffer
+                 and not k.endswith("rotary_emb.inv_freq")  # older checkpoints saved this (recomputed) buffer
+                 and k != NEWLINE}
     missing, unexpected = llm.load_state_dict(llm_state, strict=False, assign=True)
     if config.tie_word_embeddings and missing == ["lm_head.weight"]:
         missing = []
@@ -150,9 +160,15 @@ def import_official(model_dir: str | Path, out_dir: str | Path, vision_tower: st
     if tower_state := _sub(state, TOWER_PREFIX):  # a tower trained with the LLM is in the checkpoint
         tower.model.load_state_dict(tower_state)
     model_cfg = ModelConfig(vision=vision, projector=kind, llm=LLMConfig(path=str(model_dir), dtype=dtype),
-                            tokenizer=str(model_dir), image_aspect=aspect, template=template)
+                            tokenizer=str(model_dir), image_aspect=aspect, template=template,
+                            image_grid_pinpoints=cfg.get("image_grid_pinpoints") if aspect == "anyres" else None)
     model = LlavaModel(model_cfg, llm=llm, vision=tower)
     model.projector.load_state_dict(projector)
+    if aspect == "anyres":
+        if NEWLINE not in state:
+            raise UnsupportedConversion(f"an anyres / spatial_unpad checkpoint without {NEWLINE}")
+        with torch.no_grad():
+            model.image_newline.copy_(state[NEWLINE].float())
     model.save_pretrained(out_dir, load_tokenizer(str(model_dir)), {"template": template, "imported_from": str(model_dir)})
     log.info("imported %s (%s, %s, %s tower) -> %s", model_dir, type(llm).__name__, kind, vision.model, out_dir)
     return out_dir
