@@ -226,3 +226,33 @@ def reference_spatial_unpad(image_feature, grid, side, newline, image_size, max_
     image_feature = torch.cat((image_feature, newline[:, None, None].expand(*image_feature.shape[:-1], 1)), dim=-1)
     image_feature = image_feature.flatten(1, 2).transpose(0, 1)
     return torch.cat((base_image_feature, image_feature), dim=0)
+
+
+def reference_process_anyres_image(image, grid_pinpoints, crop_size):
+    """mm_utils.process_anyres_image's PIL steps (before the CLIP processor's per-tile normalisation, a no-op resize
+    and crop at this size): select_best_resolution, resize_and_pad_image, divide_to_patches, the squashed base."""
+    import math
+
+    from PIL import Image
+
+    original_width, original_height = image.size
+    best_fit, max_effective, min_wasted = None, 0, float("inf")
+    for width, height in grid_pinpoints:
+        scale = min(width / original_width, height / original_height)
+        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
+        effective = min(downscaled_width * downscaled_height, original_width * original_height)
+        wasted = (width * height) - effective
+        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
+            max_effective, min_wasted, best_fit = effective, wasted, (width, height)
+    target_width, target_height = best_fit
+    scale_w, scale_h = target_width / original_width, target_height / original_height
+    if scale_w < scale_h:
+        new_width, new_height = target_width, min(math.ceil(original_height * scale_w), target_height)
+    else:
+        new_height, new_width = target_height, min(math.ceil(original_width * scale_h), target_width)
+    resized = image.resize((new_width, new_height))
+    padded = Image.new("RGB", (target_width, target_height), (0, 0, 0))
+    padded.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
+    patches = [padded.crop((j, i, j + crop_size, i + crop_size))
+               for i in range(0, target_height, crop_size) for j in range(0, target_width, crop_size)]
+    return [image.resize((crop_size, crop_size))] + patches, best_fit

@@ -17,7 +17,7 @@ from llava_sft.data.anyres import (
     tile_images,
 )
 from llava_sft.model.anyres import merge_tiles, single_tile
-from tests.reference_llava import reference_spatial_unpad
+from tests.reference_llava import reference_process_anyres_image, reference_spatial_unpad
 
 pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
 
@@ -115,3 +115,17 @@ def test_bad_settings_are_refused_by_name():
         grid_pinpoints([[336, 600]], 336)
     with pytest.raises(ValueError, match="unpad_rounding"):
         AnyRes(336, 24, LLAVA_NEXT_PINPOINTS, unpad_rounding="round")
+
+
+@pytest.mark.parametrize("size", SIZES + [(2000, 3000), (336, 2), (2, 336), (672, 336), (1008, 336)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_grid_and_tile_pixels_are_the_reference_functions(size):
+    """Against a transcription of mm_utils.process_anyres_image's PIL steps (PIL's default resampling, as the
+    reference calls it): the same grid and byte-identical tiles, ties, extreme aspect ratios, 1x1 and 2000x3000."""
+    rng = np.random.default_rng(size[0] * 7919 + size[1])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ref_tiles, best = reference_process_anyres_image(image, [list(p) for p in LLAVA_NEXT_PINPOINTS], 336)
+    ours = tile_images(image, LLAVA_NEXT_PINPOINTS, 336)
+    assert select_best_resolution(size, LLAVA_NEXT_PINPOINTS) == best
+    assert len(ours) == len(ref_tiles) == NEXT.num_tiles(size)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, ref_tiles, strict=True))

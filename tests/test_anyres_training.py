@@ -210,9 +210,10 @@ def test_validate_counts_each_images_tokens_as_the_loader(llama_tokenizer_dir, d
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_anyres_on_two_ranks_ddp_and_zero3_matches_one_process(llama_tokenizer_dir, data, tmp_path):
-    """Tiles of different counts per rank, the newline a parameter of the root module (ZeRO-3 partitions it and
-    gathers it for the merge; DDP's text-only anchor must reach it): the losses of one process."""
+def test_anyres_on_two_ranks_ddp_zero3_and_fsdp2_matches_one_process_and_resumes_exactly(llama_tokenizer_dir, data, tmp_path):
+    """Tiles of different counts per rank, the newline a parameter of the root module (ZeRO-3 and FSDP2 shard it and
+    gather it for the merge; DDP's text-only anchor must reach it): the losses of one process, the same trained
+    newline in each saved model; and a resumed run continues exactly."""
     from tests.test_deepspeed import ds_json, rows, stage2_from_pretrained, torchrun
 
     def config(name, **kw):
@@ -221,12 +222,22 @@ def test_anyres_on_two_ranks_ddp_and_zero3_matches_one_process(llama_tokenizer_d
         cfg.model.image_aspect = "anyres"
         return cfg
 
-    train(config("plain"))
+    from safetensors.torch import load_file
+
+    train(config("plain", save_every=2))
     want = rows(tmp_path / "plain")
     assert len(want) == 4 and want[-1]["loss"] < want[0]["loss"]
     torchrun(config("ddp"), tmp_path, "ddp", 29741)
     torchrun(config("zero3", deepspeed=str(ds_json(tmp_path, "zero3.json"))), tmp_path, "zero3", 29742)
-    for name in ("ddp", "zero3"):
+    torchrun(config("fsdp2", engine="fsdp2"), tmp_path, "fsdp2", 29743)
+    newline = load_file(str(tmp_path / "plain" / "projector.safetensors"))["image_newline"]
+    for name in ("ddp", "zero3", "fsdp2"):
         got = rows(tmp_path / name)
         assert [r["tokens"] for r in got] == [r["tokens"] for r in want], name
         assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-4), name
+        saved = load_file(str(tmp_path / name / "projector.safetensors"))["image_newline"]  # gathered, trained alike
+        torch.testing.assert_close(saved, newline, rtol=1e-3, atol=1e-5, msg=name)
+    # resume from the step-2 checkpoint of the one-process run: steps 3 and 4 exactly as uninterrupted
+    train(config("resumed", resume=str(tmp_path / "plain" / "checkpoints" / "step_2")))
+    again = rows(tmp_path / "resumed")
+    assert [r["step"] for r in again] == [3, 4] and [r["loss"] for r in again] == [r["loss"] for r in want][2:]

@@ -4,6 +4,7 @@ reference), logits and greedy answers are ours; the unpad rounding is stated and
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from llava_sft.data.anyres import AnyRes
 from llava_sft.data.tokenize import tokenize_prompt
 from llava_sft.export import main as export_main
 from llava_sft.model.llava import LlavaModel, ModelConfig, load_tokenizer
-from tests.tiny import model_dict
+from tests.tiny import TEST_VIT, model_dict
 
 pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
 
@@ -32,10 +33,15 @@ def rounding_size() -> tuple[int, int]:
     return next((w, h) for w in range(20, 200) for h in range(20, 200) if ref.image_tokens((w, h)) != hf.image_tokens((w, h)))
 
 
-def save_anyres_model(tokenizer_dir, out, rounding: str):
+def save_anyres_model(tokenizer_dir, out, rounding: str, tile: int = 32):
+    """`tile` 336: a tiny tower (3 blocks, width 48) at CLIP-336's geometry, 24 x 24 patches of 14 px, with
+    LLaVA-1.6's own pinpoints; 32: the test tower, its 4 x 4 patches."""
     torch.manual_seed(0)
     spec = model_dict(tokenizer_dir)
     spec.update(image_aspect="anyres", unpad_rounding=rounding)
+    if tile == 336:
+        spec["vision"].update(model="test-vit-336", model_config_file=str(Path(TEST_VIT).with_name("test-vit-336.json")))
+        spec["llm"]["config"]["max_position_embeddings"] = 4096
     cfg = from_dict(ModelConfig, spec)
     cfg.llm.config["vocab_size"] = len(load_tokenizer(str(tokenizer_dir)))
     model = LlavaModel(cfg)
@@ -130,3 +136,46 @@ def test_a_reference_rounding_model_exports_with_a_warning_naming_the_difference
     ref, hf = AnyRes(32, 4, PINPOINTS).image_tokens(size), AnyRes(32, 4, PINPOINTS, unpad_rounding="hf").image_tokens(size)
     _, inputs = hf_inputs(tmp_path / "hf", noise_image(size))
     assert int(inputs["input_ids"][0].eq(config["image_token_index"]).sum()) == hf != ref  # transformers counts its own
+
+
+@pytest.fixture(scope="module")
+def exported_336(llama_tokenizer_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-next-336")
+    ours = save_anyres_model(llama_tokenizer_dir, root / "ours", "hf", tile=336)
+    assert export_main(["hf", "--model", str(ours), "--out", str(root / "hf")]) == 0
+    return ours, root / "hf"
+
+
+@pytest.mark.parametrize("size,tokens", [((300, 200), 976), ((336, 336), 1176), ((640, 480), 2340),
+                                         ((1008, 336), 2328)], ids=str)
+def test_at_clip_336_geometry_the_export_gives_our_logits_and_answers(exported_336, size, tokens):
+    """The issue's sizes at LLaVA-1.6's real tile and pinpoints (token counts from the reference, test_anyres.py;
+    1008x336: a 3 x 1 grid, 24 x 72 map, nothing to unpad: 576 + 24 * 73). fp32; logits to 1e-4 absolute: the two
+    sides sum the same terms in other orders (SDPA over up to ~2,400 positions), a rounding walk of about
+    sqrt(2400) x 6e-8 x |logit| ~ 6 per layer, ~2e-5 over the two layers; measured 1.1e-5 (EPYC, both stacks)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from llava_sft.generate import Answerer
+
+    ours_dir, hf_dir = exported_336
+    answerer = Answerer(ours_dir, device="cpu")
+    assert answerer.model.image_tokens([size]) == [tokens]
+    hf = LlavaNextForConditionalGeneration.from_pretrained(hf_dir).eval()
+    image = noise_image(size, seed=size[0])
+    text, inputs = hf_inputs(hf_dir, image)
+    tiles, _, _ = answerer.processor.tiles(image)
+    assert torch.allclose(inputs["pixel_values"][0][:tiles.shape[0]], tiles, atol=1e-6)
+    ids = tokenize_prompt(text, answerer.tokenizer)
+    assert inputs["input_ids"].shape[1] == len(ids) - 1 + tokens
+    batch_ids = torch.tensor([ids])
+    with torch.no_grad():
+        embedded = answerer.model.embed(batch_ids, torch.ones_like(batch_ids), tiles, image_sizes=[size])
+        ours = answerer.model.llm(inputs_embeds=embedded.inputs_embeds, attention_mask=embedded.attention_mask).logits
+        theirs = hf(**inputs).logits
+    assert torch.allclose(theirs[..., :ours.shape[-1]], ours, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=6, do_sample=False)
+    ours_new = answerer.model.generate(batch_ids, torch.ones_like(batch_ids), tiles, image_sizes=[size],
+                                       max_new_tokens=6, do_sample=False, eos_token_id=answerer.stop_ids,
+                                       pad_token_id=0)[0].tolist()
+    assert out[0, inputs["input_ids"].shape[1]:].tolist() == ours_new and len(ours_new) >= 3
