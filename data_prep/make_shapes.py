@@ -25,7 +25,7 @@ import argparse
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -275,14 +275,18 @@ def conversation(qas: list[tuple[str, str]]) -> list[dict]:
 class ImageWriter:
     """Renders layouts to sequentially numbered PNGs and records their metadata."""
 
-    def __init__(self, out: Path, image_size: int, prefix: str = ""):
+    def __init__(self, out: Path, image_size: int, prefix: str = "", shape_scale: float = 1.0):
         self.dir = out / "images"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.image_size, self.prefix = image_size, prefix
+        self.image_size, self.prefix, self.shape_scale = image_size, prefix, shape_scale
         self.meta: list[dict] = []
 
     def write(self, shapes: list[Shape], split: str) -> str:
         name = f"{self.prefix}{len(self.meta):06d}.png"
+        if self.shape_scale != 1.0:  # each shape shrunk about its centre: the same layouts and questions, smaller
+            shapes = [replace(s, x0=s.x0 + int(s.extent * (1 - self.shape_scale) / 2),
+                              y0=s.y0 + int(s.extent * (1 - self.shape_scale) / 2),
+                              extent=int(s.extent * self.shape_scale)) for s in shapes]
         render(shapes, self.image_size).save(self.dir / name, format="PNG")
         self.meta.append({"image": name, "split": split, "shapes": [s.meta() for s in shapes]})
         return name
@@ -406,23 +410,25 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
              n_stage2: int = 3000, n_eval: int = 300, text_only_frac: float = 0.1, max_rounds: int = 3,
              scene_frac: float = 0.0, min_rounds: int = 1, image_first: float = 0.5,
              type_weights: str = "", n_prose: int = 0, ablation_sets: bool = False,
-             stage2_shape_counts: str = "", n_stage2_warmup: int = 0) -> dict:
+             stage2_shape_counts: str = "", n_stage2_warmup: int = 0, shape_scale: float = 1.0) -> dict:
     """Write the whole dataset under ``out`` and return the manifest."""
     if image_size < 32:
         raise ValueError("image_size must be >= 32 for shapes to stay distinguishable")
     if not 0.0 <= text_only_frac < 1.0:
         raise ValueError("text_only_frac must be in [0, 1)")
+    if not 0.1 <= shape_scale <= 1.0:
+        raise ValueError(f"--shape-scale must be in [0.1, 1] (a fraction of the usual shape size), got {shape_scale}")
     if n_stage2_warmup < 0:
         raise ValueError(f"--n-stage2-warmup must be >= 0 (0: no warm-up set), got {n_stage2_warmup}")
     args = {"seed": seed, "image_size": image_size, "n_stage1": n_stage1, "n_stage2": n_stage2,
             "n_eval": n_eval, "text_only_frac": text_only_frac, "max_rounds": max_rounds, "min_rounds": min_rounds,
             "scene_frac": scene_frac, "image_first": image_first, "type_weights": type_weights, "n_prose": n_prose,
             "ablation_sets": ablation_sets, "stage2_shape_counts": stage2_shape_counts,
-            "n_stage2_warmup": n_stage2_warmup}
+            "n_stage2_warmup": n_stage2_warmup, "shape_scale": shape_scale}
     count_weights = parse_count_weights(stage2_shape_counts)
     type_weights_by_name = parse_weights(type_weights, "--type-weights", STAGE2_TYPES)
     (out / "eval").mkdir(parents=True, exist_ok=True)
-    images = ImageWriter(out, image_size)
+    images = ImageWriter(out, image_size, shape_scale=shape_scale)
     stage2_types: Counter = Counter()
     # One generator per split, so e.g. the eval content does not depend on --n-stage1.
     stage1 = make_stage1(random.Random(f"{seed}-stage1"), n_stage1, images)
@@ -433,13 +439,13 @@ def generate(out: Path, seed: int = 0, image_size: int = 64, n_stage1: int = 300
     extra_sets = {}
     if ablation_sets:  # after the main sets, own generators and image names: those stay byte-identical
         extra_sets["stage2_1k.json"] = random.Random(f"{seed}-small").sample(stage2, min(N_SMALL, len(stage2)))
-        writer = ImageWriter(out, image_size, prefix="twotypes_")
+        writer = ImageWriter(out, image_size, prefix="twotypes_", shape_scale=shape_scale)
         extra_sets["stage2_two_types.json"] = make_stage2(
             random.Random(f"{seed}-two-types"), n_stage2, text_only_frac, writer, Counter(), max_rounds, scene_frac,
             min_rounds, image_first, {t: 1.0 for t in TWO_TYPES}, count_weights)
         images.meta += writer.meta
     if n_stage2_warmup:  # one shape per image: the first pass of the demo's Stage 2 (scripts/demo.sh)
-        writer = ImageWriter(out, image_size, prefix="warmup_")
+        writer = ImageWriter(out, image_size, prefix="warmup_", shape_scale=shape_scale)
         extra_sets["stage2_warmup.json"] = make_stage2(
             random.Random(f"{seed}-warmup"), n_stage2_warmup, text_only_frac, writer, Counter(), max_rounds,
             scene_frac, min_rounds, image_first, type_weights_by_name, {1: 1.0})
@@ -508,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage2-shape-counts", default="",
                         help="weights of 1, 2 and 3 shapes per Stage-2 image, e.g. 1=0.5,2=1,3=1 (default: equal); "
                              "Stage 1 and the eval set stay uniform")
+    parser.add_argument("--shape-scale", type=float, default=1.0,
+                        help="shapes at this fraction of their usual size, same layouts and questions (the AnyRes "
+                             "ablation's detail set: larger canvases, small shapes)")
     kwargs = vars(parser.parse_args(argv))
     manifest = generate(kwargs.pop("out"), **kwargs)
     print(json.dumps(manifest["counts"], indent=1))

@@ -61,6 +61,10 @@ def test_each_variant_changes_one_thing_and_loads_as_a_valid_config(base, tmp_pa
         "two_types": {"s2:data.path"},
         "lora": {"s2:model.lora", "s2:train.lr", "s2:train.projector_lr"},
         "tower": {"s2:train.train_vision_tower", "s2:train.vision_tower_lr"},
+        # the AnyRes row: both sides on the detail set (the pack budget fits its longer samples); only the aspect
+        # differs between them
+        "detail_pad": {"s2:data.path", "s2:data.image_folder", "s2:data.pack_max_tokens"},
+        "detail_anyres": {"s2:data.path", "s2:data.image_folder", "s2:data.pack_max_tokens", "s2:model.image_aspect"},
         # the projector row's two sides: the shipped one is the full recipe itself
         "mlp": set() if SHIPPED == "mlp2x_gelu" else {"s1:model.projector", "s2:model.projector"},
         "linear": set() if SHIPPED == "linear" else {"s1:model.projector", "s2:model.projector"},
@@ -75,6 +79,8 @@ def test_each_variant_changes_one_thing_and_loads_as_a_valid_config(base, tmp_pa
     lora = load_config(ab.STAGE2, variants["lora"]["stage2"])
     assert lora.model.lora.r == 1 and lora.model.lora.alpha == 2  # 64 x 32 / 4096 rounds to 0.5 -> at least 1
     assert lora.train.lr == pytest.approx(1e-2) and lora.train.projector_lr == pytest.approx(1e-3)
+    assert load_config(ab.STAGE2, variants["detail_anyres"]["stage2"]).model.image_aspect == "anyres"
+    assert variants["detail_anyres"]["eval_data"] == variants["detail_pad"]["eval_data"] == data / "detail"
     # every row compares variants that exist
     for row in ab.ROWS:
         assert {row.baseline, row.ablated, *row.also.values()} <= set(variants)
@@ -85,10 +91,13 @@ def test_shared_runs_are_planned_once_per_seed(base, tmp_path):
     jobs, evals = ab.make_jobs(variants, [0, 1], tmp_path / "data", tmp_path / "out", [])
     stage1 = [j for j in jobs if j.startswith("s1-")]
     stage2 = [j for j in jobs if j.startswith("s2-")]
-    # Stage 1: full recipe, random LLM, the projector the recipe does not ship; Stage 2: every variant but
-    # other_template (eval only) and the shipped projector's (the full recipe's own run)
+    # Stage 1: full recipe, random LLM, the projector the recipe does not ship (the AnyRes row uses the full
+    # recipe's); Stage 2: every variant but other_template (eval only) and the shipped projector's (the full
+    # recipe's own run)
     assert len(stage1) == 3 * 2 and len(stage2) == (len(variants) - 2) * 2
     assert len([j for j in jobs if j.startswith("eval-")]) == (len(variants) - 1) * 2
+    detail = jobs[evals[("detail_anyres", 0)][0]]
+    assert detail.argv[detail.argv.index("--data") + 1] == str(tmp_path / "data" / "detail")
     shipped = "mlp" if SHIPPED == "mlp2x_gelu" else "linear"
     assert evals[(shipped, 0)] == evals[("full", 0)] and evals[("mlp", 0)] != evals[("linear", 0)]
     full, other = evals[("full", 0)], evals[("other_template", 0)]
@@ -135,7 +144,8 @@ def test_results_are_collected_into_json_markdown_and_a_chart(base, tmp_path):
     variants = ab.plan_runs(data, base, lr=1e-3)
     jobs, evals = ab.make_jobs(variants, [0, 1], data, out, [])
     accuracy = {"full": 0.9, "no_stage1": 0.7, "no_mask": 0.88, "other_template": 0.2, "random_llm": 0.5,
-                "small_diverse": 0.8, "two_types": 0.5, "lora": 0.89, "tower": 0.9}
+                "small_diverse": 0.8, "two_types": 0.5, "lora": 0.89, "tower": 0.9, "detail_pad": 0.6,
+                "detail_anyres": 0.8}
     # the shipped projector's side is the full recipe's run (its accuracy); the other side is written so that the
     # MLP wins by 0.05, above the 2-standard-error margin (~0.033 at 600 answers per arm)
     accuracy.update({"linear": 0.9, "mlp": 0.95} if SHIPPED == "linear" else {"mlp": 0.9, "linear": 0.85})
@@ -151,7 +161,7 @@ def test_results_are_collected_into_json_markdown_and_a_chart(base, tmp_path):
             {"parameters": {"llm": {"trainable": trainable, "total": 100}, "vision_tower": {"trainable": 0, "total": 100}}}))
     results = ab.collect(out, data, jobs, evals, [0, 1])
     rows = {r["key"]: r for r in results["rows"]}
-    assert len(rows) == 8
+    assert len(rows) == 9 and rows["anyres"]["agrees"] is True
     assert rows["stage1"]["baseline"] == pytest.approx(0.9) and rows["stage1"]["agrees"] is True
     assert rows["stage1"]["baseline_per_seed"] == pytest.approx([0.89, 0.91])
     assert rows["masking"]["extra_metric"]["ablated"] == 1.0 and rows["masking"]["extra_metric"]["baseline"] == 0.0
@@ -161,7 +171,7 @@ def test_results_are_collected_into_json_markdown_and_a_chart(base, tmp_path):
     assert (rows["projector"]["baseline"], rows["projector"]["ablated"]) == pytest.approx(
         (0.95, 0.9) if SHIPPED == "linear" else (0.9, 0.85))  # baseline = the MLP, whichever the recipe ships
     table = ab.markdown(results)
-    assert table.count("\n| ") == 8 and "does not agree" not in table  # 8 rows below the header
+    assert table.count("\n| ") == 9 and "does not agree" not in table  # 9 rows below the header
     ab.plot(results, out / "results.png")
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -36,6 +36,11 @@ OTHER_TEMPLATE = "chatml"  # the "wrong template" row prompts a vicuna_v1-traine
 # the full one with the projector at the full LR, as LLaVA-1.5's LoRA recipe (r 128, alpha 256, 2e-4 vs 2e-5)
 LORA_RANK_AT_4096, LORA_LR_FACTOR = 64, 10
 TOWER_LR_SHARE = 0.2  # LLaVA-NeXT: mm_vision_tower_lr 2e-6 at lr 1e-5
+# the AnyRes row's data (scripts/demo_ablations.sh: make_shapes --image-size 96 --shape-scale 0.5 into DATA/detail):
+# the main set's layouts and questions, on canvases twice the tower's 48 px with shapes half their size -- in a
+# 48-px tile a shape is its usual size in pixels, in the one 48-px view of `pad` a quarter of its area
+DETAIL_DIR, DETAIL_SIZE, DETAIL_SHAPE_SCALE = "detail", 96, 0.5
+DETAIL_PACK_TOKENS = 224  # an AnyRes image is 9 + 6 x 7 = 51 tokens here (pad: 9): the longest sample still fits
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,11 @@ ROWS = (
     Row("projector", "An MLP projector beats a linear one",
         "LLaVA-1.5 (Liu et al., 2023b): the 2-layer MLP projector improves on the linear one",
         "projector: mlp2x_gelu vs linear (Stages 1 and 2)", "mlp", "linear", "baseline_better"),
+    Row("anyres", "Dynamic high resolution helps where objects are small",
+        "LLaVA-NeXT (Liu et al., 2024): AnyRes tiles at the tower's resolution help fine-grained detail",
+        f"Stage 2 and eval on {DETAIL_SIZE}-px canvases with shapes at {DETAIL_SHAPE_SCALE:g} x their size: "
+        f"image_aspect pad (one 48-px view) vs anyres (2 x 2 tiles + the base view)", "detail_pad", "detail_anyres",
+        "ablated_better"),
 )
 
 
@@ -117,8 +127,14 @@ def plan_runs(data: Path, base: Path, lr: float) -> dict[str, dict]:
         keys = {o.split("=", 1)[0] for o in extra}
         return [o for o in overrides if o.split("=", 1)[0] not in keys] + extra
 
+    detail = data / DETAIL_DIR
+    s2_detail = with_(s2, [f"data.path={detail / 'stage2.json'}", f"data.image_folder={detail / 'images'}",
+                           f"data.pack_max_tokens={DETAIL_PACK_TOKENS}"])
     return {
         "full": {"stage1": s1, "stage2": s2},
+        # Stage 1 is the main one (LLaVA-NeXT's Stage 1 is LLaVA-1.5's projector); both sides differ in the aspect only
+        "detail_pad": {"stage1": s1, "stage2": s2_detail, "eval_data": detail},
+        "detail_anyres": {"stage1": s1, "stage2": s2_detail + ["model.image_aspect=anyres"], "eval_data": detail},
         "no_stage1": {"stage1": None, "stage2": s2},
         "no_mask": {"stage1": s1, "stage2": s2 + ["data.loss_on=all"]},
         "other_template": {"stage1": s1, "stage2": s2, "template": OTHER_TEMPLATE},
@@ -172,7 +188,7 @@ def make_jobs(variants: dict[str, dict], seeds: list[int], data: Path, out: Path
             template = spec.get("template")
             ev = f"eval-{s2}" + (f"-{template}" if template else "")
             jobs.setdefault(ev, Job(ev, [py, "-m", "llava_sft.eval.run_shapes", "--model", str(run2), "--data",
-                                         str(data), "--out", str(out / "runs" / ev), "--no-blind",
+                                         str(spec.get("eval_data", data)), "--out", str(out / "runs" / ev), "--no-blind",
                                          *(["--template", template] if template else [])], [s2], "metrics.json"))
             evals[(variant, seed)] = (ev, s2)
     return jobs, evals
@@ -184,7 +200,8 @@ def inputs_fingerprint(data: Path, base: Path) -> str:
     changes it, so finished runs from before are rerun, not silently reused."""
     h = hashlib.sha256()
     files = [(base, base / "clip.pt"), *((base, f) for f in sorted((base / "llm").glob("*"))),
-             *((data, f) for pattern in ("*.json", "*.jsonl", "eval/*", "tokenizer/*") for f in sorted(data.glob(pattern)))]
+             *((data, f) for pattern in ("*.json", "*.jsonl", "eval/*", "tokenizer/*", f"{DETAIL_DIR}/*.json",
+                                         f"{DETAIL_DIR}/*.jsonl", f"{DETAIL_DIR}/eval/*") for f in sorted(data.glob(pattern)))]
     for root, f in files:
         if f.is_file():
             h.update(f"{f.relative_to(root)}\0".encode())
@@ -379,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="overrides for every Stage-2 run (e.g. train.epochs=3: a shorter budget for all rows)")
     args = ap.parse_args(argv)
     data, base, out = args.data.resolve(), args.base.resolve(), args.out.resolve()
-    for need in (data / "stage2_1k.json", data / "stage2_two_types.json", base / "llm" / "config.json"):
+    for need in (data / "stage2_1k.json", data / "stage2_two_types.json", data / DETAIL_DIR / "stage2.json",
+                 base / "llm" / "config.json"):
         if not need.is_file():
             ap.error(f"{need} is missing: run scripts/demo_ablations.sh (make_shapes --ablation-sets, pretrain_base)")
     out.mkdir(parents=True, exist_ok=True)
