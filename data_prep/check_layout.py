@@ -77,6 +77,14 @@ DATA = {
         "records": 595375, "count_confirmed": False,
         "download": "huggingface.co/datasets/liuhaotian/LLaVA-CC3M-Pretrain-595K (chat.json, images.zip)",
     },
+    "llava_next_mix760k": {  # configs/llava_next/: LLaVA-1.6's Stage-2 mix was never released (the blog: ~760K)
+        "json": "llava_next_mix760k.json",
+        "image_folder": "",
+        "folders": [""],
+        "records": 760000, "count_confirmed": False,
+        "download": "not released: put a stand-in here (e.g. Open-LLaVA-NeXT's 1M mix, github.com/xiaoachen98/"
+                    "Open-LLaVA-NeXT, whose README links its JSON and image folders) or point data.path at it",
+    },
     "llava_instruct_150k": {
         "json": "LLaVA-Instruct-150K/llava_instruct_150k.json",
         "image_folder": "coco/train2017",

@@ -241,3 +241,22 @@ def test_anyres_on_two_ranks_ddp_zero3_and_fsdp2_matches_one_process_and_resumes
     train(config("resumed", resume=str(tmp_path / "plain" / "checkpoints" / "step_2")))
     again = rows(tmp_path / "resumed")
     assert [r["step"] for r in again] == [3, 4] and [r["loss"] for r in again] == [r["loss"] for r in want][2:]
+
+
+def test_anyres_max_interpolates_in_training_as_it_counts(llama_tokenizer_dir, data, tmp_path):
+    """anyres_max_1 on the 4 x 4-token tower: a 64x40 image's unpadded 6 x 8 map holds 3 tiles' worth of tokens,
+    ratio sqrt(48 / 16) = 1.73 > 1.1 -> (6 // 1.73, 8 // 1.73) = 3 x 4: 16 + 3 * 5 = 31 tokens (by hand); the loader,
+    the model's merge and a training step agree."""
+    from llava_sft.train.build import build
+
+    cfg = anyres_config(llama_tokenizer_dir, data, tmp_path / "run", max_steps=2)
+    cfg.model.image_aspect = "anyres_max_1"
+    model, _, dataset = build(cfg, torch.device("cpu"), 0, 1)
+    index = next(i for i in range(len(dataset)) if isinstance(dataset.records[i].get("image"), str)
+                 and Image.open(data / "images" / dataset.records[i]["image"]).size == (64, 40))
+    sample = dataset[index]
+    assert sample["image_tokens"].tolist() == [31]
+    assert model.image_features(sample["images"], sample["image_sizes"])[0].shape[0] == 31
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)

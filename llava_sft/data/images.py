@@ -5,7 +5,8 @@ CLIPImageProcessor does. `pad` (LLaVA-1.5): paste the image centred on a square 
 with the mean colour (`int(mean * 255)` per channel), then the same resize + crop. Then
 rescale to [0, 1] and normalise with the encoder's mean/std. `anyres` / `anyres_max_N` (LLaVA-NeXT, data/anyres.py):
 a squashed base view and the tiles of the best-fitting grid, each normalised the same way; an image of a sample
-with several images is one `pad` view (LLaVA-NeXT's training code does the same).
+with several images is one `pad` view (LLaVA-NeXT `llava/train/train.py`: `process_image(f, "pad")` when
+`len(image_file) > 1`).
 """
 from __future__ import annotations
 
