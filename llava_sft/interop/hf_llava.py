@@ -154,9 +154,9 @@ def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
 
-def hf_pinpoints(model: LlavaModel) -> list[list[int]]:
+def hf_pinpoints(pinpoints) -> list[list[int]]:
     """Our (width, height) pinpoints as transformers reads them: (height, width)."""
-    return [[h, w] for w, h in model.anyres.pinpoints]
+    return [[h, w] for w, h in pinpoints]
 
 
 def build_hf_state_and_config(model: LlavaModel, image_token_id: int, vocab: int):
@@ -184,7 +184,7 @@ def build_hf_state_and_config(model: LlavaModel, image_token_id: int, vocab: int
     if model.anyres is None:
         config = LlavaConfig(**common)
     else:
-        config = LlavaNextConfig(**common, image_grid_pinpoints=hf_pinpoints(model))
+        config = LlavaNextConfig(**common, image_grid_pinpoints=hf_pinpoints(model.anyres.pinpoints))
         config.llava_sft_unpad_rounding = model.anyres.unpad_rounding  # stated in the export (config.json)
     state = {f"model.vision_tower.{k}": v for k, v in vision.state.items()}
     if model.anyres is not None:
@@ -208,7 +208,7 @@ def image_processor_for(saved_image: dict):
         else:
             from transformers import LlavaNextImageProcessor
         return LlavaNextImageProcessor(
-            do_resize=True, size={"shortest_edge": size}, image_grid_pinpoints=[[h, w] for w, h in saved_image["pinpoints"]],
+            do_resize=True, size={"shortest_edge": size}, image_grid_pinpoints=hf_pinpoints(saved_image["pinpoints"]),
             resample=PILImageResampling.BICUBIC, do_center_crop=True, crop_size={"height": size, "width": size},
             do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(saved_image["mean"]),
             image_std=list(saved_image["std"]), do_pad=True, do_convert_rgb=True,

@@ -51,8 +51,11 @@ def splice_images(
     if n_images != n_given:
         raise ValueError(f"batch has {n_images} image placeholder(s) but {n_given} image feature map(s)")
     if n_images:
-        counts = torch.tensor([f.shape[0] for f in image_features], device=input_ids.device)
+        sizes = ([image_features.shape[1]] * image_features.shape[0] if torch.is_tensor(image_features)
+                 else [f.shape[0] for f in image_features])
+        counts = torch.tensor(sizes, device=input_ids.device)
         flat = image_features.flatten(0, 1) if torch.is_tensor(image_features) else torch.cat(list(image_features))
+        total = flat.shape[0]  # known on the host: repeat_interleave need not sync a GPU to size its output
         img_b, img_t = is_image.nonzero(as_tuple=True)  # row-major = order of appearance
         per_position = torch.zeros_like(input_ids)
         per_position[img_b, img_t] = counts
@@ -76,9 +79,10 @@ def splice_images(
         new_labels = labels.new_full((B, T), IGNORE_INDEX)
         new_labels[text_b, start[text_b, text_t]] = labels[text_b, text_t]
     if n_images:  # image i's tokens go to slots start_i, start_i + 1, ..., start_i + P_i - 1 of its row
-        rows = img_b.repeat_interleave(counts)
-        offsets = torch.arange(len(rows), device=input_ids.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
-        slots = start[img_b, img_t].repeat_interleave(counts) + offsets
+        rows = img_b.repeat_interleave(counts, output_size=total)
+        offsets = (torch.arange(total, device=input_ids.device)
+                   - (counts.cumsum(0) - counts).repeat_interleave(counts, output_size=total))
+        slots = start[img_b, img_t].repeat_interleave(counts, output_size=total) + offsets
         embeds[rows, slots] = flat.to(embeds.dtype)
 
     slot = torch.arange(T, device=input_ids.device)[None, :]
@@ -91,7 +95,7 @@ def splice_images(
     segments = attention_mask.new_zeros(B, T)
     segments[text_b, start[text_b, text_t]] = attention_mask[text_b, text_t]
     if n_images:
-        segments[rows, slots] = attention_mask[img_b, img_t].repeat_interleave(counts)
+        segments[rows, slots] = attention_mask[img_b, img_t].repeat_interleave(counts, output_size=total)
     # a sample starts where the segment id changes; its positions count from that slot
     changes = torch.ones_like(segments, dtype=torch.bool)
     changes[:, 1:] = segments[:, 1:] != segments[:, :-1]
