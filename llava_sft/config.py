@@ -185,11 +185,28 @@ class TrainConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Stage 3, preference optimisation (DPO): the `dpo:` section; its presence makes the run a DPO run and
+    data.path a preference set (data/preference.py). model/dpo.py states each loss and its source."""
+
+    loss_type: str = "sigmoid"  # "sigmoid" (DPO, Rafailov et al. 2023) or "ipo" (Azar et al. 2023)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cDPO (Mitchell 2023): the share of pairs assumed mislabelled; sigmoid only
+    sft_weight: float = 0.0  # + sft_weight x the chosen reply's mean token NLL (RPO, Pang et al. 2024; model/dpo.py)
+    # where the reference log-probs come from: "precomputed" (one eval pass of the starting model before step 1,
+    # stored and reused: train/reference.py), "copy" (a frozen copy of the starting model), "adapters_off" (LoRA:
+    # the base LLM with the adapters disabled)
+    reference: str = "precomputed"
+    reference_dir: str = ""  # precomputed: where the store goes; "" = beside the data file (<data.path>.reference/)
+
+
+@dataclass
 class RunConfig:
     run_name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: PreferenceConfig | None = None  # Stage 3 (preference optimisation); None = SFT (Stage 1 / Stage 2)
 
 
 # --------------------------------------------------------------------------- loading
@@ -298,6 +315,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                       "were packed; use train.loss_normalization=global_tokens (packed == padded exactly) or "
                       "data.packing=false")
     errors += _registry_errors(cfg)
+    errors += _preference_errors(cfg)
     if errors:
         raise ConfigError("invalid config values:\n  " + "\n  ".join(errors))
     return cfg
@@ -422,6 +440,43 @@ def _registry_errors(cfg: RunConfig) -> list[str]:
     if not registry.is_projector(cfg.model.projector):
         errors.append(f"model.projector={cfg.model.projector!r} is not a projector: "
                       f"{', '.join(registry.projector_names())} or mlp<N>x_gelu")
+    return errors
+
+
+def _preference_errors(cfg: RunConfig) -> list[str]:
+    """Stage 3 (`dpo:`): its values, and what the chosen reference needs."""
+    dpo, errors = cfg.dpo, []
+    if dpo is None:
+        return errors
+    if dpo.loss_type not in ("sigmoid", "ipo"):
+        errors.append(f"dpo.loss_type={dpo.loss_type!r} is not one of sigmoid, ipo")
+    if dpo.reference not in ("precomputed", "copy", "adapters_off"):
+        errors.append(f"dpo.reference={dpo.reference!r} is not one of precomputed, copy, adapters_off")
+    if not dpo.beta > 0:
+        errors.append(f"dpo.beta={dpo.beta!r} must be > 0")
+    if not 0 <= dpo.label_smoothing < 0.5:
+        errors.append(f"dpo.label_smoothing={dpo.label_smoothing!r} must be in [0, 0.5)")
+    if dpo.label_smoothing and dpo.loss_type != "sigmoid":
+        errors.append("dpo.label_smoothing (cDPO) is defined for dpo.loss_type=sigmoid only")
+    if dpo.sft_weight < 0:
+        errors.append(f"dpo.sft_weight={dpo.sft_weight!r} must be >= 0")
+    if cfg.data.template == "plain" or cfg.data.loss_on != "replies":
+        errors.append("a DPO run scores the last assistant reply: data.template must be a chat template (not plain) "
+                      "and data.loss_on=replies")
+    if cfg.data.shards:
+        errors.append("dpo: preference data is read from data.path (a JSON / JSONL of pairs), not data.shards")
+    if dpo.reference == "adapters_off":
+        if cfg.model.lora is None:
+            errors.append("dpo.reference=adapters_off needs LoRA (model.lora): the reference is the base LLM with "
+                          "the adapters disabled")
+        if cfg.train.train_projector or cfg.train.train_vision_tower:
+            errors.append("dpo.reference=adapters_off: set train.train_projector=false and "
+                          "train.train_vision_tower=false -- disabling the adapters gives the starting model only "
+                          "if nothing else trains (a trained projector would move the reference too)")
+    if dpo.reference == "copy" and (cfg.train.engine == "fsdp2" or cfg.train.deepspeed and
+                                    "zero3" in Path(cfg.train.deepspeed).name):
+        errors.append("dpo.reference=copy keeps a whole frozen copy on every rank, which ZeRO-3 / FSDP2 runs are "
+                      "sharded to avoid: use dpo.reference=precomputed (the recipe's) or adapters_off (LoRA)")
     return errors
 
 

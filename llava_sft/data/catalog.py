@@ -76,6 +76,7 @@ class StartupSettings:
     control_strings: str
     check_images: str
     anyres: object = None  # data/anyres.AnyRes: each image's token count from its size (read from its header)
+    pairs: bool = False  # preference pairs (data/preference.py): both sides are checked, each as a conversation
 
 
 # ------------------------------------------------------------------------------ the result
@@ -145,7 +146,8 @@ _JOB: tuple | None = None  # (records, settings, exact, image folder) for forked
 def check_record(i: int, exact: bool = False) -> Checked:
     """Structure, control strings and the length policy of record `i` of the job's records."""
     from llava_sft.data.dataset import control_string_problem, fit_length, image_list  # dataset imports us
-    from llava_sft.data.tokenize import tokenize_conversation, tokenize_with_images
+    from llava_sft.data.preference import last_reply_only, pair_conversations
+    from llava_sft.data.tokenize import tokenize_conversation, tokenize_segments, tokenize_with_images
 
     records, s, folder = _JOB[0], _JOB[1], _JOB[3]
     record = records[i]
@@ -155,26 +157,29 @@ def check_record(i: int, exact: bool = False) -> Checked:
         if not isinstance(record, dict) or "conversations" not in record:
             raise BadSampleError(sample_id, "not a record with 'conversations'")
         names = image_list(record, sample_id)
-        segments = s.template.render(record["conversations"], num_images=len(names), sample_id=sample_id)
-        problem = control_string_problem(record["conversations"], s.template, s.tokenizer)
-        if problem and s.control_strings == "refuse":
-            raise BadSampleError(sample_id, problem)
-        out.control, out.images = bool(problem), tuple(names)
+        sides = pair_conversations(record, sample_id) if s.pairs else [record["conversations"]]
         counts = image_token_counts(image_sizes(names, folder, sample_id) if s.anyres else names,
                                     s.tokens_per_image, s.anyres)
-        out.approx = (sum(len(t["value"].split()) for t in record["conversations"])
-                      + sum(counts))  # LLaVA's length estimate for batching by length
-        text, extra = "".join(seg.text for seg in segments), sum(c - 1 for c in counts)
-        bound = token_bound(text)
-        if exact or i < CALIBRATION or bound + extra > s.max_length:  # the bound does not settle it: count
-            out.tokenized = True
-            length = len(tokenize_with_images(text, s.tokenizer))
-            out.above_bound = length > bound
-            if length + extra > s.max_length:  # over the limit: exactly what the loader will do with it
-                ids, labels = tokenize_conversation(record["conversations"], s.tokenizer, s.template,
-                                                    num_images=len(names), sample_id=sample_id)
-                fit_length(ids, labels, s.max_length, counts, s.overlong, sample_id)
-                out.truncate = True
+        for conversations in sides:  # a preference pair: each side as the sample it will be, both in one unit
+            segments = s.template.render(conversations, num_images=len(names), sample_id=sample_id)
+            problem = control_string_problem(conversations, s.template, s.tokenizer)
+            if problem and s.control_strings == "refuse":
+                raise BadSampleError(sample_id, problem)
+            out.control, out.images = out.control or bool(problem), tuple(names)
+            out.approx += (sum(len(t["value"].split()) for t in conversations)
+                           + sum(counts))  # LLaVA's length estimate for batching by length
+            text, extra = "".join(seg.text for seg in segments), sum(c - 1 for c in counts)
+            bound = token_bound(text)
+            if exact or i < CALIBRATION or bound + extra > s.max_length:  # the bound does not settle it: count
+                out.tokenized = True
+                length = len(tokenize_with_images(text, s.tokenizer))
+                out.above_bound = out.above_bound or length > bound
+                if length + extra > s.max_length:  # over the limit: exactly what the loader will do with it
+                    ids, labels = (tokenize_segments(last_reply_only(segments), s.tokenizer, sample_id) if s.pairs
+                                   else tokenize_conversation(conversations, s.tokenizer, s.template,
+                                                              num_images=len(names), sample_id=sample_id))
+                    fit_length(ids, labels, s.max_length, counts, s.overlong, sample_id)
+                    out.truncate = True
     except BadSampleError as e:
         out.problem = e
     return out
@@ -364,6 +369,7 @@ def cache_key(json_path: Path, image_folder: Path, s: StartupSettings) -> str:
     parts = [FORMAT, str(json_path.resolve()), stat.st_size, stat.st_mtime_ns, file_sha256(json_path),
              str(Path(image_folder).resolve()), tokenizer_fingerprint(s.tokenizer), repr(s.template),
              s.tokens_per_image, s.max_length, s.overlong, s.control_strings, s.check_images, repr(s.anyres)]
+    parts += ["pairs"] if s.pairs else []  # an SFT file's key is as it was
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 

@@ -132,6 +132,8 @@ class Records:
 
 
 class LlavaJsonDataset(Dataset):
+    pairs = False  # data/preference.py's PreferenceDataset: records are preference pairs
+
     def __init__(
         self,
         json_path: str | Path,
@@ -162,8 +164,8 @@ class LlavaJsonDataset(Dataset):
         # data.cache_samples: index -> the sample as first loaded (the collators copy out of it, never into it)
         self._cache: dict[int, dict] | None = {} if cache_samples else None
         settings = StartupSettings(template, tokenizer, tokens_per_image, max_length, overlong, control_strings,
-                                   check_images, image_processor.anyres)
-        catalog = prepare(json_path, self.image_folder, settings, cache_dir, startup_cache, read=read_records)
+                                   check_images, image_processor.anyres, self.pairs)
+        catalog = prepare(json_path, self.image_folder, settings, cache_dir, startup_cache, read=self.read)
         problems = catalog.problems()
         if problems and self.bad_samples == "error":
             listing = "\n".join(f"  - {e}" for e in problems[:20])
@@ -181,6 +183,10 @@ class LlavaJsonDataset(Dataset):
         if self.kept_with_control_strings:
             log.warning("%s: %d samples contain the template's markers or special tokens in their text, trained as "
                         "they are (data.control_strings=keep)", json_path, self.kept_with_control_strings)
+
+    @staticmethod
+    def read(path) -> list[dict]:
+        return read_records(path)
 
     # ------------------------------------------------------------------ samples
     @property
@@ -270,10 +276,12 @@ def fit_length(ids: list[int], labels: list[int], max_length: int, image_tokens:
 
 
 class Collator:
-    """Right-pads a list of samples into a batch; skipped samples are removed and reported."""
+    """Right-pads a list of samples into a batch; skipped samples are removed and reported. With `split` (a
+    sample -> its rows: data/preference.py's pair_sides) each sample is a unit of several rows, in order, and the
+    batch counts units (`ids`, `pairs`)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, split=None):
+        self.pad_token_id, self.split = pad_token_id, split
 
     def __call__(self, samples: list[dict]) -> dict:
         kept = [s for s in samples if "skip" not in s]
@@ -282,22 +290,48 @@ class Collator:
                  "converted": sum(s.get("converted", 0) for s in kept)}
         if not kept:
             return batch
-        length = max(len(s["input_ids"]) for s in kept)
-        input_ids = torch.full((len(kept), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(kept), length), dtype=torch.long)
-        for row, s in enumerate(kept):
+        rows = [part for s in kept for part in self.split(s)] if self.split else kept
+        length = max(len(s["input_ids"]) for s in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for row, s in enumerate(rows):
             n = len(s["input_ids"])
             input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = s["input_ids"], s["labels"], 1
-        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask, **image_fields(kept))
+        batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask, **image_fields(rows),
+                     **unit_fields(rows, len(kept) if self.split else None))
         return batch
+
+
+def unit_fields(rows: list[dict], units: int | None) -> dict:
+    """Preference batches: the number of pairs and, where the rows carry them, the reference log-probs of each row
+    (in row order: chosen, rejected, chosen, ...)."""
+    if units is None:
+        return {}
+    fields = {"pairs": units}
+    if rows and all("reference" in s for s in rows):
+        fields["reference_logps"] = torch.tensor([s["reference"] for s in rows], dtype=torch.float64)
+    return fields
 
 
 def image_fields(samples: list[dict]) -> dict:
     """The batch's images, in order of appearance: all tiles, each image's size (AnyRes; None: one view) and each
-    image's feature-token count."""
-    return {"images": torch.cat([s["images"] for s in samples]),
-            "image_sizes": [size for s in samples for size in s.get("image_sizes", [None] * len(s["images"]))],
-            # None: samples built without counts (tests, tools): every image counts the model's tokens_per_image
-            "image_tokens": torch.cat([s["image_tokens"] for s in samples])
-            if all("image_tokens" in s for s in samples) else None}
+    image's feature-token count. Samples that share their image tensor (the two sides of a preference pair,
+    data/preference.py) share its images: those are in the batch once, and `image_index` says, for each image
+    placeholder in order of appearance, which of the batch's images it shows (absent when every image is its own)."""
+    unique, sizes, index, first = [], [], [], {}
+    for s in samples:
+        n = len(s["image_sizes"]) if "image_sizes" in s else s["images"].shape[0]
+        key = id(s["images"])
+        if key not in first:
+            first[key] = len(sizes)
+            unique.append(s["images"])
+            sizes += s.get("image_sizes", [None] * n)
+        index += range(first[key], first[key] + n)
+    fields = {"images": torch.cat(unique), "image_sizes": sizes,
+              # None: samples built without counts (tests, tools): every image counts the model's tokens_per_image
+              "image_tokens": torch.cat([s["image_tokens"] for s in samples])
+              if all("image_tokens" in s for s in samples) else None}
+    if len(index) != len(sizes):
+        fields["image_index"] = torch.tensor(index, dtype=torch.long)
+    return fields

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava_sft.data.dataset import image_fields
+from llava_sft.data.dataset import image_fields, unit_fields
 
 
 def expanded_length(input_ids: torch.Tensor, image_tokens) -> int:
@@ -79,22 +79,27 @@ def _fill(order: list[int], lengths: list[int], budget: int, evenly: bool, n_row
 
 
 class PackingCollator:
-    """A rank's share of one global batch -> the list of its packed micro-batches (see module docstring)."""
+    """A rank's share of one global batch -> the list of its packed micro-batches (see module docstring). With
+    `split` (data/preference.py's pair_sides) a sample is a unit of several sequences packed together, in order,
+    into one row: a preference pair's two sides are always in the same micro-batch."""
 
-    def __init__(self, pad_token_id: int, tokens_per_image: int, max_tokens: int, rows_per_micro_batch: int):
+    def __init__(self, pad_token_id: int, tokens_per_image: int, max_tokens: int, rows_per_micro_batch: int,
+                 split=None):
         if max_tokens < 1 or rows_per_micro_batch < 1:
             raise ValueError("pack_max_tokens and micro_batch_size must be positive")
         self.pad_token_id, self.tokens_per_image = pad_token_id, tokens_per_image
-        self.max_tokens, self.rows_per_micro_batch = max_tokens, rows_per_micro_batch
+        self.max_tokens, self.rows_per_micro_batch, self.split = max_tokens, rows_per_micro_batch, split
 
     def __call__(self, samples: list[dict]) -> list[dict]:
         kept = [s for s in samples if "skip" not in s]
         report = {"skipped": [(s["id"], s["skip"]) for s in samples if "skip" in s],
                   "truncated": sum(s["truncated"] for s in kept), "converted": sum(s.get("converted", 0) for s in kept)}
-        rows = pack_rows([expanded_length(s["input_ids"], s.get("image_tokens", self.tokens_per_image)) for s in kept],
-                         self.max_tokens)
+        units = [self.split(s) for s in kept] if self.split else [[s] for s in kept]
+        rows = pack_rows([sum(expanded_length(s["input_ids"], s.get("image_tokens", self.tokens_per_image))
+                              for s in unit) for unit in units], self.max_tokens)
         groups = [rows[i:i + self.rows_per_micro_batch] for i in range(0, len(rows), self.rows_per_micro_batch)]
-        micro = [self.collate_rows([[kept[i] for i in row] for row in group]) for group in groups]
+        micro = [self.collate_rows([[s for i in row for s in units[i]] for row in group],
+                                   [kept[i]["id"] for row in group for i in row]) for group in groups]
         if not micro:  # every sample was skipped
             micro = [{"ids": []}]
         micro[0].update(report)  # reported once per step
@@ -102,8 +107,8 @@ class PackingCollator:
             batch.update(skipped=[], truncated=0, converted=0)
         return micro
 
-    def collate_rows(self, rows: list[list[dict]]) -> dict:
-        """Rows of samples -> one packed micro-batch."""
+    def collate_rows(self, rows: list[list[dict]], ids: list | None = None) -> dict:
+        """Rows of samples -> one packed micro-batch (`ids`: of its units, when a unit is several samples)."""
         width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -117,7 +122,8 @@ class PackingCollator:
                 at += n
         flat = [s for row in rows for s in row]
         return {"input_ids": input_ids, "labels": labels, "attention_mask": segments, **image_fields(flat),
-                "ids": [s["id"] for s in flat]}
+                "ids": [s["id"] for s in flat] if ids is None else ids,
+                **unit_fields(flat, len(ids) if self.split and ids is not None else None)}
 
 
 def token_counts(batch: dict, tokens_per_image: int) -> tuple[int, int]:

@@ -10,6 +10,7 @@ A Stage-1 checkpoint holds `llava_config.json` + `projector.safetensors` only.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -23,11 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llava_sft.config import LLMConfig, ModelConfig, VisionConfig, from_dict
+from llava_sft.constants import IGNORE_INDEX
 from llava_sft.data.anyres import AnyRes, image_token_counts, is_anyres, layout_for
 from llava_sft.data.sentencepiece_llama import save_tokenizer
 from llava_sft.model.anyres import merge_tiles, single_tile
 from llava_sft.model.lora import attach_lora, is_adapter_param, is_lora, load_lora, quantization_config
-from llava_sft.model.loss import loss_sum
+from llava_sft.model.loss import loss_sum, supervised_logps
 from llava_sft.model.packed_attention import llm_inputs
 from llava_sft.model.projector import build_projector
 from llava_sft.model.splice import splice_images
@@ -145,6 +147,21 @@ class LlavaModel(nn.Module):
             self.image_newline = nn.Parameter(torch.randn(hidden, generator=generator) / hidden ** 0.5)
         self.supervised_logits_only = True  # model/loss.py; False computes the logits at every position
         self.text_only_anchor = "modules"  # what a text-only micro-batch runs for the engine (_text_only_anchor)
+        self.preference = None  # Stage 3: a model/dpo.py PreferenceLoss (set by train/build.py for a `dpo:` run)
+
+    @property
+    def reference_model(self) -> "LlavaModel | None":
+        """dpo.reference=copy: the frozen starting model (kept outside the module tree: no engine wraps, shards or
+        saves it, and it is not in the state dict)."""
+        return self.__dict__.get("_reference_model")
+
+    def keep_reference_copy(self) -> None:
+        import copy
+
+        reference = copy.deepcopy(self).eval()
+        reference.requires_grad_(False)
+        reference.preference = None
+        self.__dict__["_reference_model"] = reference
 
     def add_lora(self, gradient_checkpointing: bool = False) -> None:
         """Fresh LoRA adapters on the LLM, as `cfg.lora` says (the base LLM must come from a path)."""
@@ -201,9 +218,15 @@ class LlavaModel(nn.Module):
                 merge_tiles(f, tuple(size), self.anyres, self.image_newline)
                 for f, size in zip(features.split(counts), image_sizes, strict=True)]
 
-    def embed(self, input_ids, attention_mask, images=None, labels=None, padding_side="right", image_sizes=None):
+    def embed(self, input_ids, attention_mask, images=None, labels=None, padding_side="right", image_sizes=None,
+              image_index=None):
+        """The spliced LLM inputs; `image_index` (a batch whose rows share images: the sides of preference pairs)
+        says which image each placeholder shows, each image being encoded once (data/dataset.py: image_fields)."""
         has = images is not None and images.shape[0] > 0
         features = self.image_features(images, image_sizes) if has else None
+        if features is not None and image_index is not None:
+            features = (features[image_index.to(features.device)] if torch.is_tensor(features)
+                        else [features[i] for i in image_index.tolist()])
         return splice_images(input_ids, attention_mask, features, self.llm.get_input_embeddings(), labels, padding_side)
 
     @property
@@ -219,16 +242,63 @@ class LlavaModel(nn.Module):
         kwargs, labels = llm_inputs(batch, self.attn_implementation)
         return self.llm(**kwargs, use_cache=False).logits, labels
 
-    def forward(self, input_ids, attention_mask, images=None, labels=None, image_sizes=None):
+    def forward(self, input_ids, attention_mask, images=None, labels=None, image_sizes=None, image_index=None,
+                pairs=None, reference_logps=None, return_logps=False):
         """Returns (sum of token losses, number of supervised tokens); the caller normalises. The LM head runs
-        only at supervised positions (model/loss.py) unless `supervised_logits_only` is False."""
+        only at supervised positions (model/loss.py) unless `supervised_logits_only` is False.
+
+        Stage 3 (`self.preference`, model/dpo.py): (sum of the pair losses, number of pairs, their statistics) for
+        a batch of `pairs` preference pairs (with a precomputed reference, its `reference_logps` per sequence);
+        `return_logps`: (each sequence's summed log-prob, its scored tokens) instead, for the reference pass."""
         anchor = self._text_only_anchor(images, input_ids.device)
-        batch = self.embed(input_ids, attention_mask, images, labels, image_sizes=image_sizes)
-        kwargs, labels = llm_inputs(batch, self.attn_implementation)
-        loss, count = loss_sum(self.llm, kwargs, labels, self.supervised_logits_only)
+        batch = self.embed(input_ids, attention_mask, images, labels, image_sizes=image_sizes, image_index=image_index)
+        if self.preference is None and not return_logps:
+            kwargs, labels = llm_inputs(batch, self.attn_implementation)
+            loss, count = loss_sum(self.llm, kwargs, labels, self.supervised_logits_only)
+            out = [loss, count]
+        else:
+            logps, counts = self.sequence_logps(batch, attention_mask)
+            if return_logps:
+                return logps.detach(), counts
+            reference = self._reference_logps(batch, attention_mask, reference_logps, input_ids, images, labels,
+                                              image_sizes, image_index, logps)
+            out = list(self.preference(self, logps, counts, reference, int(pairs or 0)))
+            loss = out[0]
         if anchor is None and torch.is_grad_enabled() and not loss.requires_grad:
             anchor = self._param_anchor()  # a text-only batch under a frozen LLM: give backward something to do
-        return (loss + anchor if anchor is not None else loss), count
+        out[0] = loss + anchor if anchor is not None else loss
+        return tuple(out)
+
+    def sequence_logps(self, batch, attention_mask):
+        """(summed log-prob of each sequence's scored tokens [S], their number [S]) of a spliced batch, sequences
+        in order of appearance (model/dpo.py: sequence_index)."""
+        from llava_sft.model.dpo import sequence_index, sequence_sums
+
+        segments = batch.segment_ids if batch.segment_ids is not None else batch.attention_mask
+        which = sequence_index(attention_mask, segments)[:, 1:][batch.labels[:, 1:].ne(IGNORE_INDEX)]
+        kwargs, labels = llm_inputs(batch, self.attn_implementation)
+        logps = supervised_logps(self.llm, kwargs, labels, self.supervised_logits_only)
+        sequences = int(attention_mask.max(dim=1).values.clamp(min=1).sum())
+        return sequence_sums(logps, which, sequences)
+
+    def _reference_logps(self, batch, attention_mask, given, input_ids, images, labels, image_sizes, image_index,
+                         policy):
+        mode = self.preference.reference
+        if mode == "precomputed":
+            if given is None:  # a no-op batch (pairs=0) carries none and needs none
+                return torch.zeros_like(policy).detach()
+            return given
+        with torch.no_grad():
+            if mode == "adapters_off":
+                detached = dataclasses.replace(batch, inputs_embeds=batch.inputs_embeds.detach())
+                with self.llm.disable_adapter():
+                    return self.sequence_logps(detached, attention_mask)[0]
+            reference = self.reference_model
+            if reference is None:
+                raise RuntimeError("dpo.reference=copy but no reference copy was kept (keep_reference_copy)")
+            spliced = reference.embed(input_ids, attention_mask, images, labels, image_sizes=image_sizes,
+                                      image_index=image_index)
+            return reference.sequence_logps(spliced, attention_mask)[0]
 
     def _text_only_anchor(self, images, device):
         """A zero that reaches the projector (and, under ZeRO-3, the tower) when a micro-batch has no image, as the

@@ -44,21 +44,15 @@ def loss_sum(llm, kwargs: dict, labels: torch.Tensor, supervised_only: bool = Tr
     (model/packed_attention.py: llm_inputs) and labels aligned with them (unshifted)."""
     targets = labels[:, 1:]
     count = targets.ne(IGNORE_INDEX).sum()
-    transform = logit_transform(llm.config)
-    if transform and supervised_only and transform not in _warned:
-        _warned.add(transform)
-        log.warning("%s transforms its logits after the LM head (%s): computing the logits at every position",
-                    type(llm).__name__, transform)
-    if not supervised_only or transform:
+    if not supervised_only or logit_transform(llm.config):  # every position's logits, as HF's own loss does
+        if supervised_only:
+            _warn_transform(llm)
         logits = llm(**kwargs, use_cache=False).logits[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum"), count
-    hidden = decoder(llm)(**kwargs, use_cache=False).last_hidden_state[:, :-1]
-    keep = targets.ne(IGNORE_INDEX)
-    logits = llm.get_output_embeddings()(hidden[keep])  # [supervised rows, vocab], in the LLM's dtype
+    logits, wanted = supervised_logits(llm, kwargs, labels)
     if logits.shape[0] == 0:  # nothing supervised here (a padding-only share): a zero that reaches the LM head
         return logits.sum() * 0.0, count
-    wanted = targets[keep]
     total = None
     for start in range(0, logits.shape[0], CHUNK_ROWS):
         part = checkpoint(_chunk_loss, logits[start:start + CHUNK_ROWS], wanted[start:start + CHUNK_ROWS],
@@ -67,8 +61,46 @@ def loss_sum(llm, kwargs: dict, labels: torch.Tensor, supervised_only: bool = Tr
     return total, count
 
 
+def supervised_logps(llm, kwargs: dict, labels: torch.Tensor, supervised_only: bool = True) -> torch.Tensor:
+    """The fp32 log-probability of every supervised next token, in the order of the positions (row by row): what a
+    preference loss sums per sequence (model/dpo.py). The same LM-head-on-supervised-rows path and chunks as
+    `loss_sum` (whose summed loss is minus their sum)."""
+    logits, wanted = supervised_logits(llm, kwargs, labels, supervised_only)
+    if logits.shape[0] == 0:
+        return (logits.sum() * 0.0).float().reshape(1)[:0]
+    return torch.cat([checkpoint(_chunk_logps, logits[start:start + CHUNK_ROWS], wanted[start:start + CHUNK_ROWS],
+                                 use_reentrant=False) for start in range(0, logits.shape[0], CHUNK_ROWS)])
+
+
+def supervised_logits(llm, kwargs: dict, labels: torch.Tensor, supervised_only: bool = True):
+    """(logits [supervised positions, vocab] in the LLM's dtype, their target ids): the LM head on the supervised
+    rows only, unless `supervised_only` is False or the LLM transforms its logits (then every position is computed
+    and the supervised rows are taken afterwards)."""
+    targets = labels[:, 1:]
+    keep = targets.ne(IGNORE_INDEX)
+    transform = logit_transform(llm.config)
+    if transform and supervised_only:
+        _warn_transform(llm)
+    if not supervised_only or transform:
+        return llm(**kwargs, use_cache=False).logits[:, :-1][keep], targets[keep]
+    hidden = decoder(llm)(**kwargs, use_cache=False).last_hidden_state[:, :-1]
+    return llm.get_output_embeddings()(hidden[keep]), targets[keep]  # [supervised rows, vocab]
+
+
+def _warn_transform(llm) -> None:
+    transform = logit_transform(llm.config)
+    if transform not in _warned:
+        _warned.add(transform)
+        log.warning("%s transforms its logits after the LM head (%s): computing the logits at every position",
+                    type(llm).__name__, transform)
+
+
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def decoder(llm):

@@ -75,6 +75,12 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
     model = LlavaModel(cfg.model)
     if cfg.model.lora is not None:
         model.add_lora(cfg.train.gradient_checkpointing)
+    if cfg.dpo is not None:  # Stage 3 (model/dpo.py): the loss, dropout off (LoRA's too)
+        from llava_sft.model.dpo import PreferenceLoss, disable_dropout
+
+        model.preference = PreferenceLoss.of(cfg.dpo)
+        if disable_dropout(model):
+            log.info("dpo: dropout set to 0 (the policy's log-probs must be computed as the reference's are)")
     vocab = model.llm_vocab_size
     if vocab < len(tokenizer):
         raise ValueError(f"the LLM has {vocab} token embeddings but the tokenizer has {len(tokenizer)} tokens")
@@ -84,7 +90,13 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
     processor = ImageProcessor(tower.image_size, tower.image_mean, tower.image_std, cfg.model.image_aspect, model.anyres)
     args = (tokenizer, template, processor, model.tokens_per_image, sample_max_length(cfg), cfg.data.overlong,
             cfg.data.bad_samples)
-    if cfg.data.shards:
+    if cfg.dpo is not None:
+        from llava_sft.data.preference import PreferenceDataset
+
+        dataset = PreferenceDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start,
+                                    control_strings=cfg.data.control_strings, cache_dir=cfg.data.cache_dir or None,
+                                    startup_cache=cfg.data.startup_cache, cache_samples=cfg.data.cache_samples)
+    elif cfg.data.shards:
         dataset = ShardDataset(cfg.data.shards, *args, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
                                verify=cfg.data.verify_shards, control_strings=cfg.data.control_strings,
                                rank=rank, world_size=world)
@@ -92,14 +104,18 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
         dataset = LlavaJsonDataset(cfg.data.path, cfg.data.image_folder, *args, cfg.data.check_images_at_start,
                                    control_strings=cfg.data.control_strings, cache_dir=cfg.data.cache_dir or None,
                                    startup_cache=cfg.data.startup_cache, cache_samples=cfg.data.cache_samples)
-    return model.to_device(device), tokenizer, dataset
+    model = model.to_device(device)
+    if cfg.dpo is not None and cfg.dpo.reference == "copy":  # the starting model, frozen, beside the policy
+        model.keep_reference_copy()
+    return model, tokenizer, dataset
 
 
 def pack_budget(cfg: RunConfig) -> int | None:
     """Tokens per packed row (None without packing)."""
     if not cfg.data.packing:
         return None
-    budget = cfg.data.pack_max_tokens or cfg.data.max_length
+    # a preference pair is packed whole (data/packing.py): by default a row holds two sides of max_length
+    budget = cfg.data.pack_max_tokens or cfg.data.max_length * (2 if cfg.dpo is not None else 1)
     if budget < 1:
         raise ValueError(f"data.pack_max_tokens must be positive, got {budget}")
     return budget
@@ -108,14 +124,19 @@ def pack_budget(cfg: RunConfig) -> int | None:
 def sample_max_length(cfg: RunConfig) -> int:
     """The over-long policy's limit: a packed row holds at least one whole sample."""
     budget = pack_budget(cfg)
+    if budget is not None and cfg.dpo is not None:  # both sides of a pair in one row
+        budget //= 2
     return cfg.data.max_length if budget is None else min(cfg.data.max_length, budget)
 
 
 def make_collator(cfg: RunConfig, tokenizer, tokens_per_image: int):
     budget = pack_budget(cfg)
+    split = None
+    if cfg.dpo is not None:  # a preference pair is a unit of two rows / segments (data/preference.py)
+        from llava_sft.data.preference import pair_sides as split
     if budget is None:
-        return Collator(tokenizer.pad_token_id)
-    return PackingCollator(tokenizer.pad_token_id, tokens_per_image, budget, cfg.train.micro_batch_size)
+        return Collator(tokenizer.pad_token_id, split)
+    return PackingCollator(tokenizer.pad_token_id, tokens_per_image, budget, cfg.train.micro_batch_size, split)
 
 
 def check_data_source(cfg: RunConfig) -> None:

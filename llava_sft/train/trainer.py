@@ -137,6 +137,12 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
     if probe is not None:
         probe.on_setup(model, engine.optimizer, engine, train_cfg.gradient_checkpointing,
                        engine.reentrant_checkpointing)
+    collate = make_collator(cfg, tokenizer, model.tokens_per_image)
+    use_autocast = engine.autocast(device)
+    if cfg.dpo is not None and cfg.dpo.reference == "precomputed":  # Stage 3: before a resume loads trained weights
+        from llava_sft.train.reference import prepare as prepare_reference
+
+        prepare_reference(cfg, engine, model, dataset, collate, device, use_autocast, preemption)
     state.resume(engine, model)
     if cfg.data.packing:
         log.info("%d samples, %d steps/epoch, %d total steps; global batch %d = %d rank(s) x %d samples, packed "
@@ -149,8 +155,6 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
                  plan.accumulation_steps, train_cfg.micro_batch_size)
     metrics = MetricsLogger(run_dir, rank == 0, train_cfg.tensorboard, train_cfg.wandb_project, cfg.run_name,
                             to_dict(cfg), resume_step=state.step)
-    collate = make_collator(cfg, tokenizer, model.tokens_per_image)
-    use_autocast = engine.autocast(device)
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc=cfg.run_name, dynamic_ncols=True)
@@ -235,33 +239,57 @@ def accumulate_gradients(engine: Engine, micro: list[dict], device, use_autocast
     planned = len(micro)  # this rank's accumulation steps (before align adds no-op batches)
     micro, world, tpi = engine.align(micro), engine.world, engine.model.tokens_per_image
     supervised = [int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in micro]
+    # what the loss is a mean over: supervised tokens (SFT), or preference pairs (Stage 3: model/dpo.py)
+    units = [b["pairs"] if "pairs" in b else n for b, n in zip(micro, supervised, strict=True)]
     counts = [token_counts(b, tpi) for b in micro]  # (real tokens, computed slots)
     flops = [flop_model.step(sequence_lengths(b, tpi), n, b["images"].shape[0], tpi)
              for b, n in zip(micro, supervised, strict=True)] if flop_model else []
-    stats = sum_over_ranks([sum(supervised), sum(len(b["ids"]) for b in micro), sum(c[0] for c in counts),
+    stats = sum_over_ranks([sum(units), sum(len(b["ids"]) for b in micro), sum(c[0] for c in counts),
                             sum(c[1] for c in counts), sum(f[0] for f in flops), sum(f[1] for f in flops)], world)
     n_global = max(stats[0], 1.0)
-    # the weight of each micro-batch's summed token loss; the engines average gradients over ranks (x world undoes it)
+    # the weight of each micro-batch's summed loss; the engines average gradients over ranks (x world undoes it)
     mean_of_means = loss_normalization(engine) == "micro_batch_mean"
     if mean_of_means:  # HF Trainer < 4.46: the mean over ranks and accumulation steps of
-        weights = [1.0 / (max(planned, 1) * max(n, 1)) for n in supervised]  # each micro-batch's token mean
-    else:  # global_tokens: every supervised token of the global batch weighs the same
+        weights = [1.0 / (max(planned, 1) * max(n, 1)) for n in units]  # each micro-batch's token mean
+    else:  # global_tokens: every supervised token (every pair) of the global batch weighs the same
         weights = [world / n_global] * len(micro)
     loss_total = torch.zeros((), device=device)
+    extra = None  # Stage 3: sums of model/dpo.py's STAT_NAMES over this rank's pairs
     for i, (batch, weight) in enumerate(zip(micro, weights, strict=True)):
         with engine.accumulating(last=i == len(micro) - 1):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                loss_sum, _ = engine.module(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                            batch["images"].to(device), batch["labels"].to(device),
-                                            image_sizes=batch.get("image_sizes"))
+                out = engine.module(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    batch["images"].to(device), batch["labels"].to(device), **batch_extras(batch, device))
+            loss_sum = out[0]
             engine.backward(loss_sum * weight)
         loss_total += loss_sum.detach() * weight if mean_of_means else loss_sum.detach()
+        if len(out) > 2:
+            extra = out[2].detach() if extra is None else extra + out[2].detach()
     # the quantity whose gradient was taken
     loss = sum_tensor_over_ranks(loss_total, world).item() / (world if mean_of_means else n_global)
     tokens, slots = int(stats[2]), int(stats[3])
-    return {"loss": loss, "supervised_tokens": int(n_global), "tokens": tokens,
-            "real_token_frac": round(tokens / slots, 4) if slots else 0.0, "samples": int(stats[1]),
-            "model_flops": stats[4], "hardware_flops": stats[5]}
+    row = {"loss": loss, "pairs" if extra is not None else "supervised_tokens": int(n_global), "tokens": tokens,
+           "real_token_frac": round(tokens / slots, 4) if slots else 0.0, "samples": int(stats[1]),
+           "model_flops": stats[4], "hardware_flops": stats[5]}
+    if extra is not None:  # means over the global batch's pairs (rewards, margins, accuracy, log-probs)
+        from llava_sft.model.dpo import STAT_NAMES
+
+        means = sum_tensor_over_ranks(extra.double(), world) / n_global
+        row.update({name: round(float(v), 6) for name, v in zip(STAT_NAMES, means.tolist(), strict=True)})
+    return row
+
+
+def batch_extras(batch: dict, device) -> dict:
+    """The model's keyword arguments beyond the four tensors: AnyRes sizes; for preference pairs the image index,
+    the number of pairs and a precomputed reference's log-probs."""
+    extras = {"image_sizes": batch.get("image_sizes")}
+    if batch.get("image_index") is not None:
+        extras["image_index"] = batch["image_index"].to(device)
+    if "pairs" in batch:
+        extras["pairs"] = batch["pairs"]
+        if "reference_logps" in batch:
+            extras["reference_logps"] = batch["reference_logps"].to(device)
+    return extras
 
 
 def loss_normalization(engine: Engine) -> str:
