@@ -209,6 +209,7 @@ def test_only_the_last_reply_and_its_end_of_turn_are_scored(llama_tokenizer):
               "chosen": "Yes, a blue square.", "rejected": "No, there is no square."}
     (c_ids, c_labels), (r_ids, r_labels) = tokenize_pair(record, llama_tokenizer, template, 1, "two-turn")
     for ids, labels, reply in ((c_ids, c_labels, record["chosen"]), (r_ids, r_labels, record["rejected"])):
+        assert len(ids) == len(labels)
         scored = [t for t in labels if t != IGNORE_INDEX]
         assert scored[-1] == llama_tokenizer.eos_token_id
         assert llama_tokenizer.decode(scored[:-1]).strip() == reply
