@@ -85,6 +85,15 @@ DATA = {
         "download": "not released: put a stand-in here (e.g. Open-LLaVA-NeXT's 1M mix, github.com/xiaoachen98/"
                     "Open-LLaVA-NeXT, whose README links its JSON and image folders) or point data.path at it",
     },
+    "rlaif_v": {  # configs/llava_v1_5/stage3_dpo_7b*.yaml: preference pairs (Stage 3), README of RLAIF-V-Dataset
+        "json": "rlaif_v.json",
+        "image_folder": "rlaif_v_images",
+        "folders": [""],
+        "records": 83132, "count_confirmed": False,
+        "download": "huggingface.co/datasets/openbmb/RLAIF-V-Dataset (parquet files), then python -m "
+                    "data_prep.convert_preferences --format rlaif_v --input <parquet> --out rlaif_v.json "
+                    "--image-dir rlaif_v_images",
+    },
     "llava_instruct_150k": {
         "json": "LLaVA-Instruct-150K/llava_instruct_150k.json",
         "image_folder": "coco/train2017",

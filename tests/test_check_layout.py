@@ -20,6 +20,7 @@ IMAGES = {
     "cc3m_595k": ["GCC_train_000000001.jpg", "GCC_train_000000002.jpg"],
     "llava_instruct_150k": ["000000000001.jpg", "000000000001.jpg", "000000000002.jpg"],
     "llava_next_mix760k": ["coco/train2017/000000000001.jpg", "sam/images/sa_1.jpg", None],
+    "rlaif_v": ["rlaif_1.png", "rlaif_2.png"],  # preference pairs (their records checked as any other)
 }
 
 

@@ -93,9 +93,18 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
     # labelled tokens per sample: Stage 1's caption (< 64 tokens); Stage 2 at worst every text token of a full row
     supervised = 64 if stage1 else seq - image_tokens
 
+    # Stage 3 (DPO): a micro-batch of m pairs is 2m sequences through the LLM, its images encoded once; the reference
+    # is a whole 16-bit copy per GPU (`copy`), the policy itself (`adapters_off`: no_grad, nothing kept), or a pass
+    # before step 1 (`precomputed`: time, no memory)
+    dpo = cfg.dpo
+    sides = 2 if dpo is not None else 1
+    reference_gib = (memory.llm_params(llm) + proj) * (2 if bf16 else 4) / memory.GIB \
+        if dpo is not None and dpo.reference == "copy" else 0.0
+
     def peak(micro: int) -> float:
         tower = memory.tower_activations_gb(v["width"], v["layers"], grid * grid + 1, micro * tiles) if tower_trains else 0
-        return states + tower + memory.predicted_activations_gb(llm, micro, seq, checkpointing_active, bf16, supervised)
+        return states + reference_gib + tower + memory.predicted_activations_gb(llm, micro * sides, seq,
+                                                                               checkpointing_active, bf16, supervised)
 
     def usable(m: int) -> bool:  # the global batch must split into whole accumulation steps on every GPU
         return cfg.data.packing or cfg.train.global_batch_size % (num_gpus * m) == 0
@@ -121,15 +130,30 @@ def size(cfg, real_llm: dict, vision_arch: dict, zero_stage: int | None, checkpo
     out["checkpoint_gb"] = round(ckpt_bytes / 1e9, 2)
     out["checkpoint_write_gbps_per_node"] = write_gbps
     out["checkpoint_seconds"] = round(checkpoint_seconds(ckpt_bytes, engine, num_gpus, write_gbps), 1)
+    if dpo is not None:
+        out["dpo_reference"] = dpo.reference
+        out["reference_gib"] = round(reference_gib, 2)
     if samples:
-        tokens = samples * cfg.train.epochs * mean_tokens
+        seen = cfg.train.max_steps * cfg.train.global_batch_size if cfg.train.max_steps else samples * cfg.train.epochs
+        tokens = seen * mean_tokens * sides
         # weight gradients only for full fine-tuning: LoRA's adapters and Stage 1's projector are ~0.3 % of the LLM
         # the tower runs once per tile token (forward 2N, 6N when it trains)
         per_token = memory.flops_per_token(llm, round(mean_tokens), method == "full",
                                            vision_params * (3 if tower_trains else 1),
                                            tiles * grid * grid / mean_tokens if mean_tokens else 0.0)
-        out["steps"] = math.ceil(samples / cfg.train.global_batch_size) * math.ceil(cfg.train.epochs)
+        out["steps"] = cfg.train.max_steps or math.ceil(samples / cfg.train.global_batch_size) * math.ceil(cfg.train.epochs)
         hours = {name: memory.hours(tokens * per_token, num_gpus, gpu, mfu) for name, gpu in memory.GPUS.items()}
+        out["hours"] = {name: round(h, 1) for name, h in hours.items()}
+        if dpo is not None:  # the reference's forward passes: 2N + attention's forward per token (a third of 6N)
+            forward = (2 * memory.llm_params(llm) + 4 * llm["num_hidden_layers"] * llm["hidden_size"] * mean_tokens
+                       + 2 * vision_params * (tiles * grid * grid / mean_tokens if mean_tokens else 0.0))
+            passes = samples * sides * mean_tokens * forward * (1 if dpo.reference == "precomputed" else
+                                                               math.ceil(cfg.train.epochs))
+            extra = {name: memory.hours(passes, num_gpus, gpu, mfu) for name, gpu in memory.GPUS.items()}
+            if dpo.reference == "precomputed":  # once, before step 1 (then stored: reruns and resumes skip it)
+                out["reference_pass_hours"] = {name: round(h, 2) for name, h in extra.items()}
+            else:  # every step runs the reference's forward too
+                hours = {name: h + extra[name] for name, h in hours.items()}
         out["hours"] = {name: round(h, 1) for name, h in hours.items()}
         out["seconds_per_step"] = {name: round(h * 3600 / out["steps"], 2) for name, h in hours.items()}
     return out
@@ -154,6 +178,13 @@ def sizing_table(s: dict, chosen: str) -> str:
     lines.append(f"  checkpoint: {s['checkpoint_gb']} GB (trainable weights, AdamW moments, fp32 masters), about "
                  f"{s['checkpoint_seconds']} s to write at {s['checkpoint_write_gbps_per_node']:g} GB/s per node "
                  f"(--write-gbps), plus the step in progress")
+    if "dpo_reference" in s:
+        lines.append(f"  DPO: each pair is two sequences (activations and time for both); reference "
+                     f"{s['dpo_reference']}" + (f": a frozen copy, {s['reference_gib']} GiB per GPU" if
+                                                s['dpo_reference'] == "copy" else "") +
+                     (": one forward pass over the data before step 1, hours " + ", ".join(
+                         f"{k} {v}" for k, v in s["reference_pass_hours"].items()) if "reference_pass_hours" in s
+                      else ""))
     if "hours" in s:
         lines.append(f"  hours: {s['samples']:,} samples x {s['mean_tokens_per_sample']} tokens (assumed mean), "
                      f"{s['steps']} steps, at MFU {s['mfu']:.2f}")

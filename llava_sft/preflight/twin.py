@@ -220,13 +220,21 @@ def make_data(cfg, n: int, out_dir: Path) -> tuple[dict, str, list[str]]:
     real = Path(cfg.data.path) if cfg.data.path else None
     if real is not None and real.is_file():
         records = read_records(real)[:n]
+        if cfg.dpo is not None:
+            from llava_sft.data.preference import normalize_record
+
+            records = [normalize_record(r) for r in records]
         source = f"the first {len(records)} records of {real} (images from {cfg.data.image_folder})"
         folder = Path(cfg.data.image_folder).resolve()  # the launcher runs from the repository root
     else:
         folder = out_dir / "images"
         records = generated_records(n, cfg.data.template, folder)
+        if cfg.dpo is not None:  # Stage 3: the last reply is the chosen one, a wrong one the rejected
+            records = [{**r, "conversations": r["conversations"][:-1], "chosen": r["conversations"][-1]["value"],
+                        "rejected": f"It is not {r['conversations'][-1]['value'].lower()}"} for r in records]
         source = f"{n} generated records in the layout of {real.name if real else 'the recipe'} ({real} is not on disk)"
     path = out_dir / "data.json"
     path.write_text(json.dumps(records))
     texts = [turn["value"].replace("<image>", "") for r in records for turn in r["conversations"]]
+    texts += [r[k] for r in records for k in ("chosen", "rejected") if isinstance(r.get(k), str)]
     return {"data.path": str(path), "data.image_folder": str(folder), "data.shards": "null"}, source, texts

@@ -108,7 +108,7 @@ class Probe:
         decoder.register_forward_hook(self._decoder_out)
 
     def _before_forward(self, module, args, kwargs):
-        if "modes" in self.facts:
+        if "modes" in self.facts or not torch.is_grad_enabled():  # a training step's forward, not DPO's reference pass
             return
         llm = module.llm
         dropouts = [m for m in llm.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
