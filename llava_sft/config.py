@@ -473,10 +473,9 @@ def _preference_errors(cfg: RunConfig) -> list[str]:
             errors.append("dpo.reference=adapters_off: set train.train_projector=false and "
                           "train.train_vision_tower=false -- disabling the adapters gives the starting model only "
                           "if nothing else trains (a trained projector would move the reference too)")
-    if dpo.reference == "copy" and (cfg.train.engine == "fsdp2" or cfg.train.deepspeed and
-                                    "zero3" in Path(cfg.train.deepspeed).name):
-        errors.append("dpo.reference=copy keeps a whole frozen copy on every rank, which ZeRO-3 / FSDP2 runs are "
-                      "sharded to avoid: use dpo.reference=precomputed (the recipe's) or adapters_off (LoRA)")
+    if dpo.reference == "copy" and not cfg.model.llm.path and (cfg.train.engine == "fsdp2" or cfg.train.deepspeed):
+        errors.append("dpo.reference=copy under DeepSpeed / FSDP2 loads the starting LLM a second time, sharded: set "
+                      "model.llm.path (an LLM built from model.llm.config has no weights to load again)")
     return errors
 
 

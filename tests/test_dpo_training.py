@@ -108,7 +108,8 @@ def test_a_run_through_the_cli_computes_its_reference_once(llama_tokenizer_dir, 
 def test_packed_and_two_ranks_on_every_engine_equal_one_process_and_resume_exactly(llama_tokenizer_dir, data,
                                                                                   tmp_path):
     """The pair is the unit: packed rows hold both sides; each rank's share has its own images and text-only
-    pairs, ZeRO-3 and FSDP2 shard the policy (the reference precomputed through the same engine)."""
+    pairs, ZeRO-3 and FSDP2 shard the policy (the reference precomputed through the same engine, or a frozen copy
+    sharded alike)."""
     from tests.test_deepspeed import ds_json, torchrun
 
     def config(name, **kw):
@@ -125,7 +126,11 @@ def test_packed_and_two_ranks_on_every_engine_equal_one_process_and_resume_exact
     torchrun(config("zero2", deepspeed=str(ds_json(tmp_path, "zero2.json"))), tmp_path, "zero2", 29752)
     torchrun(config("zero3", deepspeed=str(ds_json(tmp_path, "zero3.json"))), tmp_path, "zero3", 29753)
     torchrun(config("fsdp2", engine="fsdp2"), tmp_path, "fsdp2", 29754)
-    for name in ("ddp", "zero2", "zero3", "fsdp2"):
+    # a frozen copy as the reference, sharded as the policy is (ZeRO-3: an inference engine; FSDP2: fully_shard)
+    torchrun(config("zero3-copy", reference="copy", deepspeed=str(ds_json(tmp_path, "zero3.json"))), tmp_path,
+             "zero3-copy", 29755)
+    torchrun(config("fsdp2-copy", reference="copy", engine="fsdp2"), tmp_path, "fsdp2-copy", 29756)
+    for name in ("ddp", "zero2", "zero3", "fsdp2", "zero3-copy", "fsdp2-copy"):
         same_rows(rows(tmp_path / name), want, what=name)
     train(config("resumed", resume=str(tmp_path / "plain" / "checkpoints" / "step_2")))
     again = rows(tmp_path / "resumed")

@@ -24,7 +24,8 @@ pairs (train/trainer.py counts pairs as it counts supervised tokens for SFT). Te
 
 The reference (dpo.reference):
   precomputed   the batch carries its log-probs (train/reference.py computed them with the starting model);
-  copy          a frozen copy of the starting model, kept beside the policy (`LlavaModel.reference_model`);
+  copy          a frozen copy of the starting model, kept beside the policy (`LlavaModel.reference_model`) and
+                distributed by the engine (ZeRO-3, FSDP2: sharded; train/engines/*.py prepare_frozen);
   adapters_off  LoRA: the policy's own LLM with its adapters disabled, on the policy's image features (the projector
                 and tower are frozen: config.py refuses otherwise), under no_grad.
 """

@@ -155,12 +155,16 @@ class LlavaModel(nn.Module):
         saves it, and it is not in the state dict)."""
         return self.__dict__.get("_reference_model")
 
-    def keep_reference_copy(self) -> None:
-        import copy
+    def keep_reference_copy(self, reference: nn.Module | None = None) -> None:
+        """Keep `reference` (the starting model, frozen, possibly wrapped by the engine that shards it:
+        train/reference.py), or a deep copy of this model as it is now."""
+        if reference is None:
+            import copy
 
-        reference = copy.deepcopy(self).eval()
+            reference = copy.deepcopy(self)
+            reference.preference = None
+        reference.eval()  # not chained: DeepSpeedEngine.eval() returns None
         reference.requires_grad_(False)
-        reference.preference = None
         self.__dict__["_reference_model"] = reference
 
     def add_lora(self, gradient_checkpointing: bool = False) -> None:
@@ -296,9 +300,9 @@ class LlavaModel(nn.Module):
             reference = self.reference_model
             if reference is None:
                 raise RuntimeError("dpo.reference=copy but no reference copy was kept (keep_reference_copy)")
-            spliced = reference.embed(input_ids, attention_mask, images, labels, image_sizes=image_sizes,
-                                      image_index=image_index)
-            return reference.sequence_logps(spliced, attention_mask)[0]
+            # through its forward: a ZeRO-3 / FSDP2 copy gathers its shards in its modules' forward hooks
+            return reference(input_ids, attention_mask, images, labels, image_sizes=image_sizes,
+                             image_index=image_index, return_logps=True)[0]
 
     def _text_only_anchor(self, images, device):
         """A zero that reaches the projector (and, under ZeRO-3, the tower) when a micro-batch has no image, as the
@@ -309,10 +313,11 @@ class LlavaModel(nn.Module):
           "params" (DDP, ZeRO-1/2): the projector's (and a training tower's) parameters times zero -- every
               trainable parameter must get a gradient, and the tower's forward is not needed for that;
           "none" (one process): nothing (the projector simply gets no gradient from this micro-batch)."""
-        if not features_unused(images) or not torch.is_grad_enabled() or self.text_only_anchor == "none":
+        if not features_unused(images) or self.text_only_anchor == "none":
             return None
-        if self.text_only_anchor == "params":
-            return self._param_anchor()
+        if self.text_only_anchor == "params":  # for gradients only
+            return self._param_anchor() if torch.is_grad_enabled() else None
+        # "modules": without gradients too (DPO's reference passes): the collectives are in the forward
         size = self.vision_tower.image_size
         blank = self.encode_images(torch.zeros(1, 3, size, size, device=device)).sum() * 0.0
         return blank + self.image_newline.sum() * 0.0 if self.anyres is not None else blank

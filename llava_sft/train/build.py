@@ -106,8 +106,26 @@ def build(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
                                    startup_cache=cfg.data.startup_cache, cache_samples=cfg.data.cache_samples)
     model = model.to_device(device)
     if cfg.dpo is not None and cfg.dpo.reference == "copy":  # the starting model, frozen, beside the policy
-        model.keep_reference_copy()
+        model.keep_reference_copy(starting_model_copy(cfg, model, device))
     return model, tokenizer, dataset
+
+
+def starting_model_copy(cfg: RunConfig, model: LlavaModel, device) -> LlavaModel | None:
+    """dpo.reference=copy: the starting model once more, loaded as the policy was (under ZeRO-3 its LLM loads
+    partitioned, so that the engine can shard it: train/reference.py), without adapters (LoRA's start as the
+    identity); its projector, tower and image_newline copied from the policy. An LLM built from a config (random
+    weights) is deep-copied instead (None)."""
+    if not cfg.model.llm.path or cfg.model.lora is not None and cfg.model.lora.quantize:
+        return None
+    import dataclasses
+
+    reference = LlavaModel(dataclasses.replace(cfg.model, lora=None))
+    reference.projector.load_state_dict(model.projector.state_dict())
+    reference.vision_tower.load_state_dict(model.vision_tower.state_dict())
+    if model.anyres is not None:
+        with torch.no_grad():
+            reference.image_newline.copy_(model.image_newline)
+    return reference.to_device(device)
 
 
 def pack_budget(cfg: RunConfig) -> int | None:

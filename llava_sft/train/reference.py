@@ -66,10 +66,16 @@ def store_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
-def prepare(cfg: RunConfig, engine, model, dataset, collate, device, use_autocast: bool, preemption) -> Path:
-    """Attach the stored reference log-probs to `dataset`, computing them first when no store has them. Called
-    before a resume loads a checkpoint: the model is still the starting model (a resumed run whose store was
-    deleted computes the same numbers again)."""
+def prepare(cfg: RunConfig, engine, model, dataset, collate, device, use_autocast: bool, preemption) -> Path | None:
+    """The run's reference, before step 1. `copy`: the frozen starting model kept beside the policy (train/build.py)
+    distributed by the engine (ZeRO-3, FSDP2: sharded). `precomputed`: the stored log-probs attached to `dataset`,
+    computed first when no store has them -- called before a resume loads a checkpoint, so the model is still the
+    starting model (a resumed run whose store was deleted computes the same numbers again)."""
+    if cfg.dpo.reference == "copy":
+        model.keep_reference_copy(engine.prepare_frozen(model.reference_model))
+        return None
+    if cfg.dpo.reference != "precomputed":
+        return None
     from llava_sft.train.trainer import batch_extras
 
     rank, world = engine.rank, engine.world

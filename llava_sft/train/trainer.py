@@ -139,7 +139,7 @@ def _train(cfg: RunConfig, preemption: PreemptionNotice) -> Path:
                        engine.reentrant_checkpointing)
     collate = make_collator(cfg, tokenizer, model.tokens_per_image)
     use_autocast = engine.autocast(device)
-    if cfg.dpo is not None and cfg.dpo.reference == "precomputed":  # Stage 3: before a resume loads trained weights
+    if cfg.dpo is not None:  # Stage 3's reference (train/reference.py): before a resume loads trained weights
         from llava_sft.train.reference import prepare as prepare_reference
 
         prepare_reference(cfg, engine, model, dataset, collate, device, use_autocast, preemption)

@@ -94,6 +94,12 @@ class Engine:
     def setup(self, model, make_groups: Callable, lr_lambda: Callable) -> None:
         raise NotImplementedError
 
+    def prepare_frozen(self, module):
+        """A frozen model beside the trained one (DPO's reference copy), distributed as this engine distributes
+        (ZeRO-3, FSDP2: sharded); -> what to call. DDP: whole on every rank, as it is."""
+        module.text_only_anchor = "none"  # no gradients, no collectives in its forward
+        return module
+
     def adamw(self, groups: list[dict]) -> torch.optim.Optimizer:
         t = self.train_cfg
         return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)

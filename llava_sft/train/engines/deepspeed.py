@@ -184,6 +184,23 @@ class DeepSpeedEngine(Engine):
         log.info("DeepSpeed ZeRO-%d, bf16=%s, %s, gradient accumulation %d", self.stage, self.bf16,
                  type(optimizer).__name__, self.config["gradient_accumulation_steps"])
 
+    def prepare_frozen(self, module):
+        """ZeRO-3: an inference engine over the frozen model (its LLM was loaded partitioned), as TRL prepares its
+        reference model (trl/models/utils.py prepare_deepspeed); ZeRO-1/2 partition only what trains: whole."""
+        if self.stage != 3:
+            return super().prepare_frozen(module)
+        import deepspeed
+
+        params_to_buffers(module.vision_tower)
+        module.text_only_anchor = "modules"  # its projector's forward gathers shards: every rank runs it
+        config = {k: v for k, v in self.config.items() if k not in ("optimizer", "scheduler")}
+        # its projector (and image_newline) were built whole: partition them too (already partitioned ones are
+        # skipped); without an optimizer deepspeed.initialize converts nothing ("no attribute 'ds_status'")
+        deepspeed.zero.Init(module=module, config_dict_or_path=config)
+        engine, _, _, _ = deepspeed.initialize(model=module, config=config)
+        engine.eval()  # (DeepSpeedEngine.eval returns None)
+        return engine
+
     # ------------------------------------------------------------------ steps
     def accumulating(self, last: bool):
         self.module.set_gradient_accumulation_boundary(last)

@@ -96,6 +96,21 @@ class FSDP2Engine(Engine):
                  " (HSDP)" if self.mesh.ndim == 2 else "", "bf16" if mp.param_dtype else "fp32",
                  ", decoder layers compiled" if self.train_cfg.compile else "")
 
+    def prepare_frozen(self, module):
+        """Sharded as the trained model is (decoder layers, projector, the rest), in the same compute dtype; its
+        weights stay in their load dtype (nothing steps them)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        params_to_buffers(module.vision_tower)
+        module.text_only_anchor = self.text_only_anchor()
+        cuda = next(module.parameters()).device.type == "cuda"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if cuda and self.train_cfg.bf16 else MixedPrecisionPolicy()
+        for layer in decoder_layers(module.llm):
+            fully_shard(layer, mesh=self.mesh, mp_policy=mp)
+        fully_shard(module.projector, mesh=self.mesh, mp_policy=mp)
+        fully_shard(module, mesh=self.mesh, mp_policy=mp)
+        return module
+
     # ------------------------------------------------------------ checkpoints
     def _options(self, **kw):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
