@@ -160,11 +160,16 @@ def test_mixed_batch_runs_the_vision_tower_only_on_real_images(llama_tokenizer_d
     image_row, _ = model(ids[:1], mask[:1], pixels, labels[:1])
     text_row, n_text = model(ids[1:, :4], mask[1:, :4], torch.zeros(0, 3, 32, 32), labels[1:, :4])
     # a text-only training batch runs the tower on one blank image (every rank calls the same modules in the
-    # same order, which ZeRO-3 needs), counted zero times; without gradients it does not
+    # same order, which ZeRO-3 needs), counted zero times; without gradients too (DPO's reference passes under
+    # ZeRO-3 / FSDP2 gather the projector's shards in its forward), with the same loss
     assert int(n_text) == 2 and seen == [1, 1, 1]
     with torch.no_grad():
         assert torch.equal(model(ids[1:, :4], mask[1:, :4], torch.zeros(0, 3, 32, 32), labels[1:, :4])[0], text_row)
-    assert seen == [1, 1, 1]
+    assert seen == [1, 1, 1, 1]
+    model.text_only_anchor = "params"  # DDP: the anchor is for gradients only, none without them
+    with torch.no_grad():
+        model(ids[1:, :4], mask[1:, :4], torch.zeros(0, 3, 32, 32), labels[1:, :4])
+    assert seen == [1, 1, 1, 1]
     assert torch.allclose(loss_sum, image_row + text_row, atol=1e-4)
     loss_sum.backward()
     assert model.projector[0].weight.grad is not None
