@@ -48,6 +48,9 @@ def test_each_variant_changes_one_thing_and_loads_as_a_valid_config(base, tmp_pa
                     if s2.get(k) != overrides(full["stage2"]).get(k)}
         if spec.get("template"):
             changed.add("template")
+        if spec.get("stage3") is not None:  # a Stage 3 after the variant's Stage 2 (a valid Stage-3 config)
+            changed.add("stage3")
+            load_config(ab.STAGE3, spec["stage3"] + ["train.pretrained_projector=null"])
         differs[name] = changed
         # every Stage-2 override set is a config the trainer accepts (values checked at load)
         load_config(ab.STAGE2, spec["stage2"] + ["train.pretrained_projector=null"])
@@ -65,6 +68,8 @@ def test_each_variant_changes_one_thing_and_loads_as_a_valid_config(base, tmp_pa
         # differs between them
         "detail_pad": {"s2:data.path", "s2:data.image_folder", "s2:data.pack_max_tokens"},
         "detail_anyres": {"s2:data.path", "s2:data.image_folder", "s2:data.pack_max_tokens", "s2:model.image_aspect"},
+        # the DPO row: the full recipe's Stages 1 and 2, then Stage 3 on the preference pairs
+        "dpo": {"stage3"},
         # the projector row's two sides: the shipped one is the full recipe itself
         "mlp": set() if SHIPPED == "mlp2x_gelu" else {"s1:model.projector", "s2:model.projector"},
         "linear": set() if SHIPPED == "linear" else {"s1:model.projector", "s2:model.projector"},
@@ -94,8 +99,15 @@ def test_shared_runs_are_planned_once_per_seed(base, tmp_path):
     # Stage 1: full recipe, random LLM, the projector the recipe does not ship (the AnyRes row uses the full
     # recipe's); Stage 2: every variant but other_template (eval only) and the shipped projector's (the full
     # recipe's own run)
-    assert len(stage1) == 3 * 2 and len(stage2) == (len(variants) - 2) * 2
+    assert len(stage1) == 3 * 2 and len(stage2) == (len(variants) - 3) * 2  # dpo: the full recipe's Stage 2
     assert len([j for j in jobs if j.startswith("eval-")]) == (len(variants) - 1) * 2
+    # Stage 3 starts from the full recipe's Stage-2 run of the same seed, and its held-out pairs are scored against it
+    s3 = jobs[evals[("dpo", 0)][1]]
+    run2 = tmp_path / "out" / "runs" / evals[("full", 0)][1]
+    assert s3.deps == [evals[("full", 0)][1]] and f"model.llm.path={run2 / 'llm'}" in s3.argv
+    assert f"train.pretrained_projector={run2}" in s3.argv and str(ab.STAGE3) in s3.argv
+    pairs = jobs[f"pairs-{s3.name}"]
+    assert pairs.deps == [s3.name] and pairs.argv[pairs.argv.index("--reference") + 1] == str(run2)
     detail = jobs[evals[("detail_anyres", 0)][0]]
     assert detail.argv[detail.argv.index("--data") + 1] == str(tmp_path / "data" / "detail")
     shipped = "mlp" if SHIPPED == "mlp2x_gelu" else "linear"
@@ -140,12 +152,19 @@ def test_results_are_collected_into_json_markdown_and_a_chart(base, tmp_path):
     the extra metrics read from the runs' own files."""
     data, out = tmp_path / "data", tmp_path / "out"
     (data / "eval").mkdir(parents=True)
-    (data / "eval" / "questions.jsonl").write_text(json.dumps({"question_id": 0, "text": "Where is it?"}) + "\n")
+    (data / "eval" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in (
+        {"question_id": 0, "text": "Where is it?"}, {"question_id": 1, "text": "Is there a red circle?"},
+        {"question_id": 2, "text": "Is there a blue square?"}, {"question_id": 3, "text": "Is there a green circle?"})))
+    # the DPO row's gold: two existence questions about absent objects, one about a present one
+    (data / "eval" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"question_id": 0, "answer": "left", "category": "position"},
+        {"question_id": 1, "answer": "no", "category": "exists"}, {"question_id": 2, "answer": "no", "category": "exists"},
+        {"question_id": 3, "answer": "yes", "category": "exists"})))
     variants = ab.plan_runs(data, base, lr=1e-3)
     jobs, evals = ab.make_jobs(variants, [0, 1], data, out, [])
     accuracy = {"full": 0.9, "no_stage1": 0.7, "no_mask": 0.88, "other_template": 0.2, "random_llm": 0.5,
                 "small_diverse": 0.8, "two_types": 0.5, "lora": 0.89, "tower": 0.9, "detail_pad": 0.6,
-                "detail_anyres": 0.8}
+                "detail_anyres": 0.8, "dpo": 0.89}
     # the shipped projector's side is the full recipe's run (its accuracy); the other side is written so that the
     # MLP wins by 0.05, above the 2-standard-error margin (~0.033 at 600 answers per arm)
     accuracy.update({"linear": 0.9, "mlp": 0.95} if SHIPPED == "linear" else {"mlp": 0.9, "linear": 0.85})
@@ -153,15 +172,26 @@ def test_results_are_collected_into_json_markdown_and_a_chart(base, tmp_path):
         (out / "runs" / ev).mkdir(parents=True, exist_ok=True)
         (out / "runs" / ev / "metrics.json").write_text(json.dumps(
             {"overall": {"accuracy": accuracy[variant] + (0.01 if seed else -0.01)}, "by_type": {}, "n": 300}))
-        (out / "runs" / ev / "answers.jsonl").write_text(json.dumps(
-            {"question_id": 0, "text": "USER: hi" if variant == "no_mask" else "left"}) + "\n")
+        # the Stage-2 model says "yes" about both absent objects, the DPO model about none of them
+        said = {"dpo": "no", "no_mask": "USER: hi"}.get(variant, "Yes.")
+        (out / "runs" / ev / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+            {"question_id": 0, "text": "USER: hi" if variant == "no_mask" else "left"},
+            {"question_id": 1, "text": said}, {"question_id": 2, "text": said},
+            {"question_id": 3, "text": "USER: hi" if variant == "no_mask" else "yes"})))
+        if variant == "dpo":
+            (out / "runs" / f"pairs-{s2}").mkdir(parents=True, exist_ok=True)
+            (out / "runs" / f"pairs-{s2}" / "metrics.json").write_text(json.dumps(
+                {"accuracy": 0.8 + 0.1 * seed, "n": 300, "by_kind": {"absent": 0.9}}))
         (out / "runs" / s2).mkdir(parents=True, exist_ok=True)
         trainable = 10 if variant == "lora" else 100
         (out / "runs" / s2 / "report.json").write_text(json.dumps(
             {"parameters": {"llm": {"trainable": trainable, "total": 100}, "vision_tower": {"trainable": 0, "total": 100}}}))
     results = ab.collect(out, data, jobs, evals, [0, 1])
     rows = {r["key"]: r for r in results["rows"]}
-    assert len(rows) == 9 and rows["anyres"]["agrees"] is True
+    assert len(rows) == 10 and rows["anyres"]["agrees"] is True
+    dpo = rows["dpo"]  # fewer "yes" about absent objects (1.0 -> 0.0), accuracy within 2 SE (0.90 vs 0.89)
+    assert dpo["extra_metric"]["baseline"] == 1.0 and dpo["extra_metric"]["ablated"] == 0.0 and dpo["agrees"] is True
+    assert dpo["reward_accuracy"]["per_seed"] == pytest.approx([0.8, 0.9])
     assert rows["stage1"]["baseline"] == pytest.approx(0.9) and rows["stage1"]["agrees"] is True
     assert rows["stage1"]["baseline_per_seed"] == pytest.approx([0.89, 0.91])
     assert rows["masking"]["extra_metric"]["ablated"] == 1.0 and rows["masking"]["extra_metric"]["baseline"] == 0.0
@@ -171,7 +201,7 @@ def test_results_are_collected_into_json_markdown_and_a_chart(base, tmp_path):
     assert (rows["projector"]["baseline"], rows["projector"]["ablated"]) == pytest.approx(
         (0.95, 0.9) if SHIPPED == "linear" else (0.9, 0.85))  # baseline = the MLP, whichever the recipe ships
     table = ab.markdown(results)
-    assert table.count("\n| ") == 9 and "does not agree" not in table  # 9 rows below the header
+    assert table.count("\n| ") == 10 and "does not agree" not in table  # 10 rows below the header
     ab.plot(results, out / "results.png")
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -188,9 +218,9 @@ def test_the_script_runs_every_row_through_the_cli_at_tiny_sizes(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, DEMO_DATA=str(tmp_path / "data"), DEMO_OUT=str(tmp_path / "out"),
                DEMO_SIZES="--n-stage1 48 --n-stage2 48 --n-eval 10", DEMO_PROSE="200", DEMO_WARMUP="8",
-               DEMO_BASE_ARGS="--lm-steps 2 --lm-batch 4 --clip-steps 2 --clip-batch 16")
+               DEMO_BASE_ARGS="--lm-steps 2 --lm-batch 4 --clip-steps 2 --clip-batch 16", DEMO_PREFS="--n 16 --n-eval 8")
     args = ["bash", "scripts/demo_ablations.sh", "--seeds", "0", "--stage1", "train.max_steps=1",
-            "--stage2", "train.max_steps=1"]
+            "--stage2", "train.max_steps=1", "--stage3", "train.max_steps=1"]
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out" / "ablations"

@@ -101,6 +101,15 @@ def test_a_run_through_the_cli_computes_its_reference_once(llama_tokenizer_dir, 
     assert rows(tmp_path / "cli")[0]["loss"] == pytest.approx(0.693147, abs=2e-6)
     changed = run("train.resume=never", "data.max_length=200")  # a setting the numbers depend on: a new store
     assert "computing the reference log-probs" in changed and len(list((tmp_path / "reference").glob("*.json"))) == 2
+    # the saved model scores pairs as training did (eval/preferences.py): against itself every margin is 0
+    from llava_sft.eval.preferences import reward_accuracy, sequence_logps
+
+    pairs = json.loads((data / "preferences.json").read_text())
+    scored = reward_accuracy(tmp_path / "cli", tmp_path / "cli", data / "preferences.json", data / "images")
+    assert scored["n"] == 34 and scored["accuracy"] == 0.0 and scored["mean_log_ratio_margin"] == 0.0
+    assert set(scored["by_kind"]) == {"absent", "present", "color", "describe", "all"}  # "all": the text-only pairs
+    logps = sequence_logps(tmp_path / "cli", pairs[:4], data / "images")
+    assert all(c < 0 and r < 0 for c, r in logps.values()) and len(logps) == 4
 
 
 @pytest.mark.slow

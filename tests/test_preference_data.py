@@ -173,3 +173,17 @@ def test_onevision_prompts_get_one_leading_image_placeholder():
     records, dropped = convert("onevision", rows)
     assert records[0]["conversations"][0]["value"] == "<image>\nWhat color  is the bus?"
     assert records[1]["conversations"][0]["value"] == "Say hi." and "image" not in records[1] and not dropped
+
+
+def test_yes_on_absent_counts_yes_answers_to_questions_about_absent_objects(tmp_path):
+    from llava_sft.eval.preferences import yes_on_absent
+
+    gold = [{"question_id": 0, "answer": "no", "category": "exists"},
+            {"question_id": 1, "answer": "no", "category": "exists"},
+            {"question_id": 2, "answer": "yes", "category": "exists"},
+            {"question_id": 3, "answer": "red", "category": "color"}]
+    said = [{"question_id": 0, "text": "Yes, there is."}, {"question_id": 1, "text": "No."},
+            {"question_id": 2, "text": "yes"}, {"question_id": 3, "text": "yes"}]
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gold))
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in said))
+    assert yes_on_absent(tmp_path / "answers.jsonl", tmp_path / "gold.jsonl") == {"rate": 0.5, "n": 2}

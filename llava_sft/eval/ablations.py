@@ -28,8 +28,11 @@ from pathlib import Path
 
 import yaml
 
+from llava_sft.eval.preferences import yes_on_absent
+
 REPO = Path(__file__).resolve().parents[2]
 STAGE1, STAGE2 = REPO / "configs/demo/base_stage1.yaml", REPO / "configs/demo/base_stage2.yaml"
+STAGE3 = REPO / "configs/demo/stage3_dpo.yaml"  # the DPO row: Stage 3 from the row's Stage-2 run
 OTHER_TEMPLATE = "chatml"  # the "wrong template" row prompts a vicuna_v1-trained model with this one
 # LoRA r 64 on every linear layer of a 4096-wide LLM, scaled to the demo's width (the rank-to-width ratio kept:
 # r 64 on a width-128 model would be half-rank, as many weights as full fine-tuning); alpha = 2r and an LR 10x
@@ -52,7 +55,7 @@ class Row:
     baseline: str  # run variants (evaluations) compared
     ablated: str
     expect: str  # "baseline_better" | "ablated_better" | "close" | "no_gain"
-    extra: str = ""  # "continues_as_user" | "trainable_share"
+    extra: str = ""  # "continues_as_user" | "trainable_share" | "hallucination"
     also: dict = field(default_factory=dict)  # other variants shown in the row: label -> variant
 
 
@@ -91,6 +94,12 @@ ROWS = (
         f"Stage 2 and eval on {DETAIL_SIZE}-px canvases with shapes at {DETAIL_SHAPE_SCALE:g} x their size: "
         f"image_aspect pad (one 48-px view) vs anyres (2 x 2 tiles + the base view)", "detail_pad", "detail_anyres",
         "ablated_better"),
+    Row("dpo", "Preference optimisation reduces hallucination",
+        "RLAIF-V (Yu et al., CVPR 2025): DPO of LLaVA-1.5 on pairs of a faithful and a hallucinating reply cuts "
+        "object hallucination (Object HalBench, AMBER)",
+        "Stage 3: DPO from the Stage-2 model on 2,000 demo pairs (the truth vs a wrong colour, 'yes' about an absent "
+        "object, an invented object in a description; configs/demo/stage3_dpo.yaml)", "full", "dpo",
+        "ablated_better", extra="hallucination"),
 )
 
 
@@ -145,6 +154,9 @@ def plan_runs(data: Path, base: Path, lr: float) -> dict[str, dict]:
                                                f"train.lr={lr * LORA_LR_FACTOR:g}", f"train.projector_lr={lr:g}"]},
         "tower": {"stage1": s1, "stage2": s2 + ["train.train_vision_tower=true",
                                                 f"train.vision_tower_lr={lr * TOWER_LR_SHARE:g}"]},
+        # Stage 3 from the full recipe's Stage-2 run (make_jobs adds its LLM and projector)
+        "dpo": {"stage1": s1, "stage2": s2, "stage3": [o for o in common if not o.startswith("model.llm.path=")]
+                + [f"data.path={data / 'preferences.json'}"]},
         "mlp": {"stage1": with_(s1, projector["mlp2x_gelu"]), "stage2": with_(s2, projector["mlp2x_gelu"])},
         "linear": {"stage1": with_(s1, projector["linear"]), "stage2": with_(s2, projector["linear"])},
     }
@@ -163,7 +175,7 @@ class Job:
 
 
 def make_jobs(variants: dict[str, dict], seeds: list[int], data: Path, out: Path, stage2_extra: list[str],
-              stage1_extra: list[str] = ()) -> tuple[
+              stage1_extra: list[str] = (), stage3_extra: list[str] = ()) -> tuple[
         dict[str, Job], dict[tuple[str, int], tuple[str, str]]]:
     """The de-duplicated jobs (Stage 1, Stage 2, evaluation) and, per (variant, seed), its (evaluation, Stage-2)
     job names."""
@@ -185,12 +197,27 @@ def make_jobs(variants: dict[str, dict], seeds: list[int], data: Path, out: Path
             run2 = out / "runs" / s2
             jobs.setdefault(s2, Job(s2, [py, "-m", "llava_sft.train", str(STAGE2), *s2_over,
                                          f"train.output_dir={run2}", "train.resume=never"], deps, "report.json"))
+            trained, run = s2, run2
+            if spec.get("stage3") is not None:  # DPO from this Stage-2 run; its held-out pairs scored against it
+                s3_over = spec["stage3"] + list(stage3_extra) + [f"train.seed={seed}", f"model.llm.path={run2 / 'llm'}",
+                                                                 f"train.pretrained_projector={run2}"]
+                s3 = f"s3-{_digest(s3_over)}-seed{seed}"
+                run3 = out / "runs" / s3
+                jobs.setdefault(s3, Job(s3, [py, "-m", "llava_sft.train", str(STAGE3), *s3_over,
+                                             f"train.output_dir={run3}", "train.resume=never"], [s2], "report.json"))
+                pairs = f"pairs-{s3}"
+                jobs.setdefault(pairs, Job(pairs, [py, "-m", "llava_sft.eval.preferences", "--model", str(run3),
+                                                   "--reference", str(run2), "--pairs",
+                                                   str(data / "preferences_eval.json"), "--images",
+                                                   str(data / "images"), "--out",
+                                                   str(out / "runs" / pairs / "metrics.json")], [s3], "metrics.json"))
+                trained, run = s3, run3
             template = spec.get("template")
-            ev = f"eval-{s2}" + (f"-{template}" if template else "")
-            jobs.setdefault(ev, Job(ev, [py, "-m", "llava_sft.eval.run_shapes", "--model", str(run2), "--data",
+            ev = f"eval-{trained}" + (f"-{template}" if template else "")
+            jobs.setdefault(ev, Job(ev, [py, "-m", "llava_sft.eval.run_shapes", "--model", str(run), "--data",
                                          str(spec.get("eval_data", data)), "--out", str(out / "runs" / ev), "--no-blind",
-                                         *(["--template", template] if template else [])], [s2], "metrics.json"))
-            evals[(variant, seed)] = (ev, s2)
+                                         *(["--template", template] if template else [])], [trained], "metrics.json"))
+            evals[(variant, seed)] = (ev, trained)
     return jobs, evals
 
 
@@ -299,7 +326,7 @@ def verdict(expect: str, base: float, abl: float, n: int) -> tuple[bool, str]:
 
 
 def collect(out: Path, data: Path, jobs: dict[str, Job], evals: dict[tuple[str, int], tuple[str, str]],
-            seeds: list[int]) -> dict:
+            seeds: list[int], rows_measured: tuple[Row, ...] = ROWS) -> dict:
     questions = {int(q["question_id"]): q["text"] for q in
                  map(json.loads, (data / "eval" / "questions.jsonl").read_text().splitlines())}
     acc = {key: json.loads((out / "runs" / ev / "metrics.json").read_text()) for key, (ev, _) in evals.items()}
@@ -312,7 +339,7 @@ def collect(out: Path, data: Path, jobs: dict[str, Job], evals: dict[tuple[str, 
         return [acc[(variant, s)]["overall"]["accuracy"] for s in seeds]
 
     rows = []
-    for row in ROWS:
+    for row in rows_measured:
         base, abl = mean(row.baseline), mean(row.ablated)
         agrees, rule = verdict(row.expect, base, abl, n_questions * len(seeds))
         entry = {"claim": row.claim, "source": row.source, "change": row.change, "key": row.key,
@@ -331,6 +358,22 @@ def collect(out: Path, data: Path, jobs: dict[str, Job], evals: dict[tuple[str, 
             more, why = verdict("ablated_better", shares[row.baseline], shares[row.ablated], n_questions * len(seeds))
             entry["agrees"] = agrees or more
             entry["rule"] = f"{rule}, or continuing as the user: {why}"
+        if row.extra == "hallucination":  # the verdict: fewer "yes" about absent objects, accuracy not lower
+            rates = {v: [yes_on_absent(out / "runs" / evals[(v, s)][0] / "answers.jsonl",
+                                       data / "eval" / "answers.jsonl") for s in seeds] for v in (row.baseline, row.ablated)}
+            n_absent = rates[row.baseline][0]["n"] * len(seeds)
+            rate = {v: sum(r["rate"] for r in rs) / len(seeds) for v, rs in rates.items()}
+            rewards = [json.loads((out / "runs" / f"pairs-{evals[(row.ablated, s)][1]}" / "metrics.json").read_text())
+                       for s in seeds]
+            entry["extra_metric"] = {"name": "'yes' to questions about absent objects", "baseline":
+                                     round(rate[row.baseline], 4), "ablated": round(rate[row.ablated], 4)}
+            entry["reward_accuracy"] = {"held_out_pairs": rewards[0]["n"], "per_seed": [r["accuracy"] for r in rewards],
+                                        "by_kind": [r["by_kind"] for r in rewards]}
+            fewer, why = verdict("baseline_better", rate[row.baseline], rate[row.ablated], n_absent)
+            kept, how = verdict("close", base, abl, n_questions * len(seeds))  # accuracy not lower by > 2 SE
+            entry["agrees"] = fewer and kept
+            entry["rule"] = f"'yes' on absent objects, baseline - ablated = {why.split('= ', 1)[1]}; accuracy " \
+                            f"not lower: {how.split('= ', 1)[1]}"
         if row.extra == "trainable_share":
             shares = {v: sum(trainable_share(out / "runs" / evals[(v, s)][1]) for s in seeds)
                       / len(seeds) for v in (row.baseline, row.ablated)}
@@ -394,27 +437,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage1", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every Stage-1 run")
     ap.add_argument("--stage2", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for every Stage-2 run (e.g. train.epochs=3: a shorter budget for all rows)")
+    ap.add_argument("--stage3", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every Stage-3 run")
+    ap.add_argument("--rows", nargs="*", choices=[r.key for r in ROWS], help="only these rows (default: all)")
     args = ap.parse_args(argv)
     data, base, out = args.data.resolve(), args.base.resolve(), args.out.resolve()
+    rows = tuple(r for r in ROWS if not args.rows or r.key in args.rows)
     for need in (data / "stage2_1k.json", data / "stage2_two_types.json", data / DETAIL_DIR / "stage2.json",
-                 base / "llm" / "config.json"):
+                 data / "preferences.json", data / "preferences_eval.json", base / "llm" / "config.json"):
         if not need.is_file():
             ap.error(f"{need} is missing: run scripts/demo_ablations.sh (make_shapes --ablation-sets, pretrain_base)")
     out.mkdir(parents=True, exist_ok=True)
     from llava_sft.config import load_config
 
     lr = load_config(STAGE2, args.stage2).train.lr
-    jobs, evals = make_jobs(plan_runs(data, base, lr), args.seeds, data, out, args.stage2, args.stage1)
+    wanted = {v for r in rows for v in (r.baseline, r.ablated, *r.also.values())}
+    variants = {k: v for k, v in plan_runs(data, base, lr).items() if k in wanted}
+    jobs, evals = make_jobs(variants, args.seeds, data, out, args.stage2, args.stage1, args.stage3)
     t0 = time.time()
 
     def log(msg: str) -> None:
         print(f"[ablations {time.time() - t0:6.0f} s] {msg}", flush=True)
 
-    log(f"{len(jobs)} jobs ({len(ROWS)} rows x seeds {args.seeds}), {args.jobs} at a time")
+    log(f"{len(jobs)} jobs ({len(rows)} rows x seeds {args.seeds}), {args.jobs} at a time")
     inputs = inputs_fingerprint(data, base)
     log(f"inputs {inputs} (base models and data, by content: finished runs are reused only for the same)")
     run_jobs(jobs, out, args.jobs, log, inputs)
-    results = collect(out, data, jobs, evals, args.seeds)
+    results = collect(out, data, jobs, evals, args.seeds, rows)
     results["seconds"] = round(time.time() - t0)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
