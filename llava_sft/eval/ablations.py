@@ -210,7 +210,7 @@ def make_jobs(variants: dict[str, dict], seeds: list[int], data: Path, out: Path
                 jobs.setdefault(pairs, Job(pairs, [py, "-m", "llava_sft.eval.preferences", "--model", str(run3),
                                                    "--reference", str(run2), "--pairs",
                                                    str(data / "preferences_eval.json"), "--images",
-                                                   str(data / "images"), "--out",
+                                                   str(data / "images"), "--describe", str(data), "--out",
                                                    str(out / "runs" / pairs / "metrics.json")], [s3], "metrics.json"))
                 trained, run = s3, run3
             template = spec.get("template")
@@ -370,6 +370,9 @@ def collect(out: Path, data: Path, jobs: dict[str, Job], evals: dict[tuple[str, 
                                      round(rate[row.baseline], 4), "ablated": round(rate[row.ablated], 4)}
             entry["reward_accuracy"] = {"held_out_pairs": rewards[0]["n"], "per_seed": [r["accuracy"] for r in rewards],
                                         "by_kind": [r["by_kind"] for r in rewards]}
+            if all("descriptions" in r for r in rewards):  # CHAIR-style: descriptions naming an absent object
+                entry["invented_objects"] = {side: [r["descriptions"][key]["invented"] for r in rewards]
+                                             for side, key in (("baseline", "reference"), ("ablated", "model"))}
             fewer, why = verdict("baseline_better", rate[row.baseline], rate[row.ablated], n_absent)
             kept, how = verdict("close", base, abl, n_questions * len(seeds))  # accuracy not lower by > 2 SE
             entry["agrees"] = fewer and kept

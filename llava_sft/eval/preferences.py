@@ -10,6 +10,7 @@ in answers.
   per pair kind when the pairs carry one (make_preferences' "kind").
 * absent-object "yes" rate (`yes_on_absent`): among the demo's existence questions whose answer is "no", the share
   answered "yes" -- POPE's measure of object hallucination (Li et al., 2023), on run_shapes' answers.
+* invented objects in descriptions (`invented_objects`, `--describe DATA`): CHAIR's sentence-level measure.
 """
 from __future__ import annotations
 
@@ -29,6 +30,35 @@ def yes_on_absent(answers_file: Path, gold_file: Path) -> dict:
                map(json.loads, Path(answers_file).read_text().splitlines()) if int(r["question_id"]) in absent}
     yes = sum([w.strip(",;:") for w in normalize_answer(text).split()[:1]] == ["yes"] for text in answers.values())
     return {"rate": yes / len(absent) if absent else 0.0, "n": len(absent)}
+
+
+def invented_objects(model_dir: Path, data: Path, n: int = 150, batch_size: int = 30) -> dict:
+    """CHAIR-style object hallucination in descriptions (Rohrbach et al., 2018), on the demo's held-out images:
+    the model describes each of the first `n` eval images ("Describe the image briefly."); {"invented": share of
+    descriptions naming a colour-shape object the image does not hold, "exact": share naming exactly its objects}.
+    The objects are the data's vocabularies (manifest.json) and ground truth (meta.jsonl)."""
+    import re
+
+    from PIL import Image
+
+    from llava_sft.generate import Answerer
+
+    data = Path(data)
+    vocab = json.loads((data / "manifest.json").read_text())["vocab"]
+    pattern = re.compile(r"\b({})\s+({})\b".format("|".join(vocab["color"]), "|".join(vocab["shape"])))
+    meta = [r for r in map(json.loads, (data / "meta.jsonl").read_text().splitlines()) if r["split"] == "eval"][:n]
+    answerer, said = Answerer(model_dir), []
+    for start in range(0, len(meta), batch_size):
+        part = meta[start:start + batch_size]
+        images = [Image.open(data / "images" / r["image"]).convert("RGB") for r in part]
+        said += answerer.answer(["Describe the image briefly."] * len(part), images, max_new_tokens=60)
+    invented = exact = 0
+    for record, text in zip(meta, said, strict=True):
+        truth = {(s["color"], s["shape"]) for s in record["shapes"]}
+        named = set(pattern.findall(text.lower()))
+        invented += bool(named - truth)
+        exact += named == truth
+    return {"invented": invented / len(meta), "exact": exact / len(meta), "n": len(meta)}
 
 
 def sequence_logps(model_dir: Path, pairs: list[dict], image_folder: Path, batch_pairs: int = 16) -> dict[str, list]:
@@ -101,8 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pairs", required=True, type=Path, help="held-out preference pairs (JSON)")
     ap.add_argument("--images", required=True, type=Path, help="their image folder")
     ap.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
+    ap.add_argument("--describe", type=Path, metavar="DATA",
+                    help="also CHAIR-style invented objects in descriptions of DATA's eval images, both models")
     args = ap.parse_args(argv)
     result = reward_accuracy(args.model, args.reference, args.pairs, args.images)
+    if args.describe:
+        result["descriptions"] = {"model": invented_objects(args.model, args.describe),
+                                  "reference": invented_objects(args.reference, args.describe)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
