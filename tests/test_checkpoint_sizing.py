@@ -15,8 +15,10 @@ RECIPES = sorted((REPO / "configs" / "llava_v1_5").glob("*.yaml")) + sorted((REP
 ZERO = {"zero2.json": 2, "zero3.json": 3, "zero3_offload.json": 3}
 
 
-def sized(path: Path, num_gpus: int, **kw) -> dict:
-    cfg = load_config(path)
+def sized(path: Path, num_gpus: int, overrides: tuple[str, ...] = (), **kw) -> dict:
+    # Stage 3 starts from a Stage-2 output directory, not on this machine: its LLM has Vicuna-7B's shape
+    stage3 = ("model.llm.path=lmsys/vicuna-7b-v1.5",) if "stage3" in Path(path).name else ()
+    cfg = load_config(path, [*stage3, *overrides])
     real, _ = twin.real_llm_config(cfg.model.llm.path)
     stage = ZERO[Path(cfg.train.deepspeed).name] if cfg.train.deepspeed else None
     return sizing.size(cfg, real, twin.real_vision_shape(cfg.model.vision), stage, True, num_gpus, 0.4, None, **kw)
@@ -57,3 +59,24 @@ def test_full_stage2_on_four_40_gb_gpus_takes_micro_batch_8():
     """The README's advice, from this arithmetic: 128 = 4 GPUs x 8 x 4 accumulation steps."""
     g = sized(REPO / "configs/llava_v1_5/stage2_finetune_7b.yaml", 4)["gpus"]["A100-40GB"]
     assert not g["fits"] and g["largest_micro_batch_that_fits"] == 8
+
+
+def test_dpo_sizing_counts_both_sides_and_the_reference():
+    """A pair is two sequences: the activations of micro-batch 1 are those of two SFT samples; a frozen copy adds
+    its 16-bit weights (LLM + projector) on every GPU under ZeRO-2; a precomputed reference adds no memory but a
+    forward pass over the data before step 1."""
+    path = REPO / "configs/llava_v1_5/stage3_dpo_7b.yaml"
+    dpo = sized(path, 8)
+    sft = sized(path, 8, ("dpo=null",))
+    assert dpo["states_gib"] == sft["states_gib"] and dpo["reference_gib"] == 0
+    two = sized(path, 8, ("dpo=null", "train.micro_batch_size=2"))  # two SFT samples per micro-batch
+    assert dpo["activations_gib"] == two["activations_gib"] > sft["activations_gib"]
+    assert set(dpo["reference_pass_hours"]) == set(dpo["gpus"]) and "reference_pass_hours" not in sft
+    # RLAIF-V's run: max_steps 2672 of 8 pairs, both sides counted
+    per_step = {k: s["seconds_per_step"]["H100-80GB"] for k, s in (("dpo", dpo), ("sft", sft))}
+    assert dpo["steps"] == sft["steps"] == 2672 and per_step["dpo"] == pytest.approx(2 * per_step["sft"], abs=0.02)
+    copy = sized(path, 8, ("dpo.reference=copy",))
+    params = copy["llm_params"] + copy["projector_params"]
+    assert copy["reference_gib"] == pytest.approx(params * 2 / 2**30, abs=0.005)
+    assert copy["gpus"]["H100-80GB"]["peak_gib"] == pytest.approx(dpo["gpus"]["H100-80GB"]["peak_gib"]
+                                                                 + copy["reference_gib"], abs=0.11)

@@ -18,7 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from trl.trainer.dpo_trainer import DPOTrainer, FDivergenceType
+import trl
+
+if not trl.__version__.startswith("0.24."):  # the oracle is pinned with the reproduction stack (constraints/repro.txt)
+    pytest.skip(f"the oracle is TRL 0.24's DPOTrainer.dpo_loss (constraints/repro.txt); TRL {trl.__version__} "
+                f"reorganised it", allow_module_level=True)
+from trl.trainer.dpo_trainer import DPOTrainer, FDivergenceType  # noqa: E402
 
 from llava_sft.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_sft.data.dataset import Collator

@@ -24,6 +24,8 @@ from llava_sft.config import PreferenceConfig, save_config
 from llava_sft.model.lora import LoraSettings
 from llava_sft.train.trainer import train
 
+pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
+
 REPO = Path(__file__).resolve().parents[1]
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 

@@ -19,6 +19,8 @@ from llava_sft.data.templates import BadSampleError
 from llava_sft.train.build import build
 from tests.tiny import run_config
 
+pytestmark = pytest.mark.latest_stack  # passes on constraints/latest.txt too (CI runs it there)
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
