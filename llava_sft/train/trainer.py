@@ -3,6 +3,10 @@
 Stage 1 (feature alignment):   train.train_projector=true  train.train_llm=false  data.template=plain
 Stage 2 (instruction tuning):  train.train_projector=true  train.train_llm=true   data.template=vicuna_v1
                                train.pretrained_projector=<stage-1 output dir>
+Stage 3 (preference, DPO):     as Stage 2 from the Stage-2 output, plus a `dpo:` section: data.path holds
+                               preference pairs (data/preference.py), the loss is model/dpo.py's, a mean over the
+                               global batch's pairs as SFT's is over its supervised tokens; the reference is prepared
+                               before step 1 (train/reference.py)
 
 Per optimizer step: the micro-batches of this rank are loaded first, the supervised tokens of the
 whole global batch (all micro-batches, all ranks) are counted, and each micro-batch's summed
