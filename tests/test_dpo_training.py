@@ -1,6 +1,8 @@
 """Stage 3 (DPO) through the training core: the three references give the same losses, a run through the CLI
-computes its reference once and reuses it, packed equals padded, two ranks (DDP, ZeRO-2, ZeRO-3, FSDP2) equal one
-process, and a resumed run continues exactly -- the LLM loaded from a directory, the demo world's preference pairs.
+computes its reference once and reuses it, dropout is off, a pre-emption during the reference pass stops it, packed
+equals padded, two ranks (DDP, ZeRO-2, ZeRO-3, FSDP2) equal one process, and a resumed run continues exactly -- the
+LLM loaded from a directory, the demo world's preference pairs, the runs through `python -m llava_sft.train`
+(torchrun for two ranks).
 
 Tolerances: the same fp32 model and batches; what differs between the runs compared is only how the work is split
 (one or two ranks, padded or packed rows, a precomputed number or the same forward pass run again), which changes
@@ -114,6 +116,50 @@ def test_a_run_through_the_cli_computes_its_reference_once(llama_tokenizer_dir, 
     assert all(c < 0 and r < 0 for c, r in logps.values()) and len(logps) == 4
 
 
+def test_dropout_is_off_in_a_dpo_run_loras_too(llama_tokenizer_dir, data, tmp_path):
+    """LoRA dropout 0.5 on adapters that are not the identity, the model in training mode: two forward passes of
+    the same pairs give the same log-probs (with dropout they would not), as the reference's were computed."""
+    import torch
+
+    from llava_sft.train.build import build, make_collator
+    from llava_sft.train.trainer import batch_extras
+
+    cfg = dpo_config(llama_tokenizer_dir, data, tmp_path, "dropout", train_projector=False)
+    cfg.model.lora = LoraSettings(r=8, alpha=16, dropout=0.5)
+    model, tokenizer, dataset = build(cfg, torch.device("cpu"))
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p))
+    model.train()
+    batch = make_collator(cfg, tokenizer, model.tokens_per_image)([dataset[i] for i in range(4)])
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"])
+    with torch.no_grad():
+        first, _ = model(*args, return_logps=True, **batch_extras(batch, "cpu"))
+        second, _ = model(*args, return_logps=True, **batch_extras(batch, "cpu"))
+    assert torch.equal(first, second)
+
+
+def test_a_preemption_during_the_reference_pass_stops_it_and_stores_nothing(llama_tokenizer_dir, data, tmp_path):
+    import torch
+
+    from llava_sft.train.build import build, make_collator
+    from llava_sft.train.engines.ddp import DDPEngine
+    from llava_sft.train.guards import Preempted
+    from llava_sft.train.reference import prepare, store_dir
+
+    cfg = dpo_config(llama_tokenizer_dir, data, tmp_path, "preempted")
+    model, tokenizer, dataset = build(cfg, torch.device("cpu"))
+    engine = DDPEngine.local(model, train_cfg=cfg.train)
+    notice = type("Notice", (), {"requested": True, "signal_name": "SIGTERM"})()
+    with pytest.raises(Preempted, match="SIGTERM received"):
+        prepare(cfg, engine, model, dataset, make_collator(cfg, tokenizer, model.tokens_per_image),
+                torch.device("cpu"), False, notice)
+    assert not list(store_dir(cfg).glob("*.json")) and dataset.reference is None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_packed_and_two_ranks_on_every_engine_equal_one_process_and_resume_exactly(llama_tokenizer_dir, data,
@@ -126,12 +172,19 @@ def test_packed_and_two_ranks_on_every_engine_equal_one_process_and_resume_exact
     def config(name, **kw):
         return dpo_config(llama_tokenizer_dir, data, tmp_path, name, max_steps=4, **kw)
 
-    train(config("plain", save_every=2))
+    def cli(cfg, name):  # one process, as `python -m llava_sft.train` runs it
+        save_config(cfg, tmp_path / f"{name}.yaml")
+        result = subprocess.run([sys.executable, "-m", "llava_sft.train", str(tmp_path / f"{name}.yaml")], cwd=REPO,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)), capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    cli(config("plain", save_every=2), "plain")
     want = rows(tmp_path / "plain")
     assert len(want) == 4 and all(abs(r["rewards/chosen"]) > 1e-3 for r in want[1:])
     packed = config("packed")
     packed.data.packing = True
-    train(packed)
+    cli(packed, "packed")
     same_rows(rows(tmp_path / "packed"), want, what="packed")
     torchrun(config("ddp"), tmp_path, "ddp", 29751)
     torchrun(config("zero2", deepspeed=str(ds_json(tmp_path, "zero2.json"))), tmp_path, "zero2", 29752)
@@ -143,7 +196,7 @@ def test_packed_and_two_ranks_on_every_engine_equal_one_process_and_resume_exact
     torchrun(config("fsdp2-copy", reference="copy", engine="fsdp2"), tmp_path, "fsdp2-copy", 29756)
     for name in ("ddp", "zero2", "zero3", "fsdp2", "zero3-copy", "fsdp2-copy"):
         same_rows(rows(tmp_path / name), want, what=name)
-    train(config("resumed", resume=str(tmp_path / "plain" / "checkpoints" / "step_2")))
+    cli(config("resumed", resume=str(tmp_path / "plain" / "checkpoints" / "step_2")), "resumed")
     again = rows(tmp_path / "resumed")
     assert [r["step"] for r in again] == [3, 4]
     assert [r["loss"] for r in again] == [r["loss"] for r in want][2:]
