@@ -116,6 +116,16 @@ def test_a_run_through_the_cli_computes_its_reference_once(llama_tokenizer_dir, 
     assert all(c < 0 and r < 0 for c, r in logps.values()) and len(logps) == 4
 
 
+def test_anyres_pairs_share_their_tiles_and_start_at_ln2(llama_tokenizer_dir, data, tmp_path):
+    """AnyRes: each image's tiles are in the batch once, merged once, and its per-image feature list indexed for both
+    sides; with the reference precomputed the first step is the policy against itself."""
+    cfg = dpo_config(llama_tokenizer_dir, data, tmp_path, "anyres", max_steps=2)
+    cfg.model.image_aspect = "anyres"
+    train(cfg)
+    got = rows(tmp_path / "anyres")
+    assert got[0]["loss"] == pytest.approx(0.693147, abs=2e-6) and abs(got[1]["rewards/chosen"]) > 1e-4
+
+
 def test_dropout_is_off_in_a_dpo_run_loras_too(llama_tokenizer_dir, data, tmp_path):
     """LoRA dropout 0.5 on adapters that are not the identity, the model in training mode: two forward passes of
     the same pairs give the same log-probs (with dropout they would not), as the reference's were computed."""
