@@ -74,7 +74,7 @@ class PreferenceLoss:
             losses = losses + self.sft_weight * nll
         return losses, self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
 
-    def __call__(self, model, policy: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor, pairs: int):
+    def __call__(self, policy: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor, pairs: int):
         """(sum of the micro-batch's pair losses, pairs, sums of STAT_NAMES' quantities) for the policy's per-side
         log-probs; `pairs` 0 (a no-op batch) gives a zero that reaches every module the forward used."""
         if not pairs:

@@ -266,7 +266,7 @@ class LlavaModel(nn.Module):
                 return logps.detach(), counts
             reference = self._reference_logps(batch, attention_mask, reference_logps, input_ids, images, labels,
                                               image_sizes, image_index, logps)
-            out = list(self.preference(self, logps, counts, reference, int(pairs or 0)))
+            out = list(self.preference(logps, counts, reference, int(pairs or 0)))
             loss = out[0]
         if anchor is None and torch.is_grad_enabled() and not loss.requires_grad:
             anchor = self._param_anchor()  # a text-only batch under a frozen LLM: give backward something to do
