@@ -22,6 +22,8 @@ for both sides (data/dataset.py: image_fields, `image_index`).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from llava_sft.constants import IGNORE_INDEX
@@ -30,6 +32,7 @@ from llava_sft.data.dataset import LlavaJsonDataset, fit_length, image_list, rea
 from llava_sft.data.templates import ROLE_ASSISTANT, ROLE_USER, BadSampleError, Segment
 from llava_sft.data.tokenize import tokenize_segments
 
+log = logging.getLogger(__name__)
 SIDES = ("chosen", "rejected")
 
 
@@ -131,15 +134,21 @@ class PreferenceDataset(LlavaJsonDataset):
         return [normalize_record(r) for r in read_records(path)]
 
     def attach_reference(self, table: dict[str, tuple[float, float]]) -> None:
+        # the pass skipped what did not load (data.bad_samples=skip; counted in the report): training skips them
+        # too, and one that loads after all stops the run by name (__getitem__)
         missing = [self.records[i].get("id") for i in range(len(self)) if str(self.records[i].get("id")) not in table]
         if missing:
-            raise ValueError(f"the precomputed reference log-probs lack {len(missing)} sample(s) of the data, e.g. "
-                             f"{missing[:3]}: delete the store to compute it again")
+            log.warning("the precomputed reference log-probs lack %d sample(s) that did not load when they were "
+                        "computed, e.g. %s: they are skipped in training as well", len(missing), missing[:3])
         self.reference = table
 
     def __getitem__(self, index: int) -> dict:
         sample = super().__getitem__(index)
         if self.reference is not None and "skip" not in sample:
+            if sample["id"] not in self.reference:  # skipped during the reference pass, readable now
+                raise ValueError(f"sample {sample['id']!r} has no precomputed reference log-probs (it could not be "
+                                 f"loaded when they were computed): fix or remove it and delete the store in "
+                                 f"dpo.reference_dir to compute them again")
             sample["reference"] = self.reference[sample["id"]]
         return sample
 
